@@ -1,0 +1,69 @@
+"""Per-alias health as Python records: `status()` and `check_now()`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from dbha import _core
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What the checker knows of one alias. Never holds credentials."""
+
+    alias: str
+    group: str
+    #: "unknown" (not probed yet), "up" or "down".
+    state: str
+    #: Duration of the last probe in seconds.
+    latency: float | None
+    #: Why the last probe failed (None if it succeeded): "connection
+    #: refused", "timeout", "DNS failure: ...", "bad handshake: ...", ...
+    last_error: str | None
+    checked_at: datetime | None
+    #: Consecutive successful / failed probes.
+    successes: int
+    failures: int
+    #: Whether writes of the group go here now.
+    is_writer: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def status(group: str | None = None) -> list[NodeStatus]:
+    """One record per alias (of `group`), in priority order."""
+    return [
+        NodeStatus(
+            alias,
+            group_name,
+            state,
+            latency,
+            last_error,
+            None if checked_at is None else datetime.fromtimestamp(checked_at, timezone.utc),
+            successes,
+            failures,
+            is_writer,
+        )
+        for (
+            alias,
+            group_name,
+            state,
+            latency,
+            last_error,
+            checked_at,
+            successes,
+            failures,
+            is_writer,
+        ) in _core.status(group)
+    ]
+
+
+def check_now(group: str | None = None) -> list[NodeStatus]:
+    """Probes `group` (or every group) now, waits for the result (at most
+    about twice `CONNECT_TIMEOUT`), and returns the status."""
+    _core.check_now(group)
+    return status(group)

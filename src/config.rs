@@ -1,0 +1,1049 @@
+//! The validated configuration: which aliases form which failover groups, how
+//! each server is reached and probed, and the checker's timing.
+//!
+//! Input is Django's `DATABASES` and the optional `DBHA` dict as loosely typed
+//! [`Value`]s; every problem becomes a [`ConfigError`] naming the setting key
+//! and the offending value (never a password: only the keys read here are
+//! ever quoted).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::value::Value;
+
+/// The group `DBHA["DATABASES"]` (or the default) defines.
+pub const DEFAULT_GROUP: &str = "default";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    PostgreSql,
+    MySql,
+    /// Any other server engine; it has no protocol-aware probe.
+    Other,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Host name or IP literal (resolved at every probe, so DNS changes are
+    /// followed) and port.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Self::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Self::Unix(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// A TCP (or unix socket) connect: sees a dead host, not a hung server.
+    Tcp,
+    /// Connect and a protocol exchange the server itself must answer.
+    Handshake,
+}
+
+impl ProbeKind {
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "tcp" => Some(Self::Tcp),
+            "handshake" => Some(Self::Handshake),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnAllDown {
+    /// Answer the last writer (or the first alias) and let Django raise its
+    /// own connection error.
+    Last,
+    /// Raise `dbha.NoHealthyDatabase`.
+    Raise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failback {
+    /// Writes stay on the node they moved to while it is up.
+    Sticky,
+    /// Writes return to the highest-priority node as soon as it is up.
+    Auto,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub alias: String,
+    pub group: usize,
+    pub engine: Engine,
+    pub endpoint: Endpoint,
+    pub probe: ProbeKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    /// Indexes into [`Config::nodes`], in priority order.
+    pub members: Range<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    pub check_interval: Duration,
+    /// The hard deadline of one probe, name resolution to last byte.
+    pub connect_timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Fraction of `check_interval` by which each round start is randomised,
+    /// so that many processes do not probe in lockstep.
+    pub jitter: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            check_interval: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+            jitter: 0.1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Every probed server, grouped by group, each group in priority order.
+    pub nodes: Vec<Node>,
+    pub groups: Vec<Group>,
+    /// Lower-cased `"app_label"` or `"app_label.modelname"` to group index.
+    pub routes: HashMap<String, usize>,
+    pub timing: Timing,
+    pub on_all_down: OnAllDown,
+    pub failback: Failback,
+}
+
+/// A setting that cannot be used, with the key and value to quote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub value: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.key, self.value, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const KNOWN_KEYS: &[&str] = &[
+    "DATABASES",
+    "GROUPS",
+    "ROUTES",
+    "CHECK_INTERVAL",
+    "CONNECT_TIMEOUT",
+    "RISE",
+    "FALL",
+    "JITTER",
+    "PROBE",
+    "ON_ALL_DOWN",
+    "FAILBACK",
+];
+
+fn dbha_key(key: &str) -> String {
+    format!("DBHA[\"{key}\"]")
+}
+
+fn error(key: String, value: &Value, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key,
+        value: value.to_string(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Validates `settings.DATABASES` and `settings.DBHA` (`Value::None` when
+    /// the project has none).
+    pub fn from_settings(databases: &Value, dbha: &Value) -> Result<Self, ConfigError> {
+        let dbha = Settings::new(dbha)?;
+        let Value::Map(database_entries) = databases else {
+            return Err(error(
+                "DATABASES".into(),
+                databases,
+                "must be a dict of aliases",
+            ));
+        };
+        let groups = dbha.groups(database_entries)?;
+        let probe_kinds = dbha.probe_kinds(database_entries)?;
+
+        let mut nodes = Vec::new();
+        let mut group_list = Vec::new();
+        for (group, (name, aliases)) in groups.into_iter().enumerate() {
+            let start = nodes.len();
+            for alias in aliases {
+                let entry = database_entries
+                    .iter()
+                    .find(|(a, _)| *a == alias)
+                    .map_or(&Value::None, |(_, entry)| entry);
+                let (engine, endpoint) = parse_database(&alias, entry)?;
+                let probe = probe_kinds.get(&alias).unwrap_or(match engine {
+                    Engine::PostgreSql | Engine::MySql => ProbeKind::Handshake,
+                    Engine::Other => ProbeKind::Tcp,
+                });
+                if probe == ProbeKind::Handshake && engine == Engine::Other {
+                    return Err(error(
+                        dbha_key("PROBE"),
+                        &Value::str("handshake"),
+                        format!(
+                            "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, \
+                             so only the 'tcp' probe applies to it"
+                        ),
+                    ));
+                }
+                nodes.push(Node {
+                    alias,
+                    group,
+                    engine,
+                    endpoint,
+                    probe,
+                });
+            }
+            group_list.push(Group {
+                name,
+                members: start..nodes.len(),
+            });
+        }
+        let routes = dbha.routes(&group_list)?;
+        Ok(Self {
+            nodes,
+            groups: group_list,
+            routes,
+            timing: dbha.timing()?,
+            on_all_down: dbha.choice(
+                "ON_ALL_DOWN",
+                &[("last", OnAllDown::Last), ("raise", OnAllDown::Raise)],
+                OnAllDown::Last,
+            )?,
+            failback: dbha.choice(
+                "FAILBACK",
+                &[("sticky", Failback::Sticky), ("auto", Failback::Auto)],
+                Failback::Sticky,
+            )?,
+        })
+    }
+
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        self.groups.iter().position(|g| g.name == name)
+    }
+
+    pub fn node_index(&self, alias: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.alias == alias)
+    }
+}
+
+#[derive(Default)]
+struct ProbeKinds<'a> {
+    all: Option<ProbeKind>,
+    per_alias: HashMap<&'a str, ProbeKind>,
+}
+
+impl ProbeKinds<'_> {
+    fn get(&self, alias: &str) -> Option<ProbeKind> {
+        self.per_alias.get(alias).copied().or(self.all)
+    }
+}
+
+/// The `DBHA` dict, with unknown keys already rejected.
+struct Settings<'a> {
+    entries: &'a [(String, Value)],
+}
+
+impl<'a> Settings<'a> {
+    fn new(dbha: &'a Value) -> Result<Self, ConfigError> {
+        let entries: &[(String, Value)] = match dbha {
+            Value::None => &[],
+            Value::Map(entries) => entries,
+            other => return Err(error("DBHA".into(), other, "must be a dict")),
+        };
+        if let Some((key, value)) = entries
+            .iter()
+            .find(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+        {
+            return Err(error(
+                dbha_key(key),
+                value,
+                format!("unknown key; known keys are {}", KNOWN_KEYS.join(", ")),
+            ));
+        }
+        Ok(Self { entries })
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// `(group name, aliases in priority order)` for every group.
+    fn groups(
+        &self,
+        databases: &[(String, Value)],
+    ) -> Result<Vec<(String, Vec<String>)>, ConfigError> {
+        let groups = match (self.get("DATABASES"), self.get("GROUPS")) {
+            (Some(_), Some(groups)) => {
+                return Err(error(
+                    dbha_key("GROUPS"),
+                    groups,
+                    "set either DBHA[\"DATABASES\"] (one group) or DBHA[\"GROUPS\"], not both",
+                ))
+            }
+            (Some(aliases), None) => vec![(
+                DEFAULT_GROUP.to_owned(),
+                alias_list(&dbha_key("DATABASES"), aliases)?,
+            )],
+            (None, Some(Value::Map(groups))) if !groups.is_empty() => {
+                let mut parsed = Vec::new();
+                for (name, aliases) in groups {
+                    let key = format!("{}[\"{name}\"]", dbha_key("GROUPS"));
+                    if name.is_empty() {
+                        return Err(error(key, aliases, "a group needs a name"));
+                    }
+                    parsed.push((name.clone(), alias_list(&key, aliases)?));
+                }
+                parsed
+            }
+            (None, Some(groups)) => {
+                return Err(error(
+                    dbha_key("GROUPS"),
+                    groups,
+                    "must be a non-empty dict of group name to a list of aliases",
+                ))
+            }
+            (None, None) => vec![(
+                DEFAULT_GROUP.to_owned(),
+                databases.iter().map(|(alias, _)| alias.clone()).collect(),
+            )],
+        };
+
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for (name, aliases) in &groups {
+            let key = if self.get("GROUPS").is_some() {
+                format!("{}[\"{name}\"]", dbha_key("GROUPS"))
+            } else {
+                dbha_key("DATABASES")
+            };
+            for alias in aliases {
+                if !databases.iter().any(|(a, _)| a == alias) {
+                    return Err(error(
+                        key,
+                        &Value::str(alias),
+                        "no such alias in settings.DATABASES",
+                    ));
+                }
+                if let Some(other) = seen.insert(alias, name) {
+                    let problem = if other == name {
+                        "alias listed twice".to_owned()
+                    } else {
+                        format!(
+                            "alias is already in group '{other}'; an alias belongs to one group"
+                        )
+                    };
+                    return Err(error(key, &Value::str(alias), problem));
+                }
+            }
+        }
+        if groups.iter().all(|(_, aliases)| aliases.is_empty()) {
+            return Err(error(
+                "DATABASES".into(),
+                &Value::Map(Vec::new()),
+                "there is no database to watch",
+            ));
+        }
+        Ok(groups)
+    }
+
+    /// The `PROBE` setting: one kind for every alias, or per alias.
+    fn probe_kinds(&self, databases: &[(String, Value)]) -> Result<ProbeKinds<'a>, ConfigError> {
+        let key = dbha_key("PROBE");
+        let problem = "must be 'tcp' or 'handshake', or a dict of alias to one of them";
+        let parse = |key: &str, value: &Value| {
+            match value {
+                Value::Str(name) => ProbeKind::parse(name),
+                _ => None,
+            }
+            .ok_or_else(|| error(key.to_owned(), value, problem))
+        };
+        let mut kinds = ProbeKinds::default();
+        match self.get("PROBE") {
+            None | Some(Value::None) => {}
+            Some(Value::Map(per_alias)) => {
+                kinds.per_alias = per_alias
+                    .iter()
+                    .map(|(alias, kind)| {
+                        let alias_key = format!("{key}[\"{alias}\"]");
+                        if !databases.iter().any(|(a, _)| a == alias) {
+                            return Err(error(
+                                alias_key,
+                                &Value::str(alias),
+                                "no such alias in settings.DATABASES",
+                            ));
+                        }
+                        Ok((alias.as_str(), parse(&alias_key, kind)?))
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
+            Some(value) => kinds.all = Some(parse(&key, value)?),
+        }
+        Ok(kinds)
+    }
+
+    fn routes(&self, groups: &[Group]) -> Result<HashMap<String, usize>, ConfigError> {
+        let key = dbha_key("ROUTES");
+        let routes = match self.get("ROUTES") {
+            None | Some(Value::None) => return Ok(HashMap::new()),
+            Some(Value::Map(routes)) => routes,
+            Some(other) => {
+                return Err(error(
+                    key,
+                    other,
+                    "must be a dict of 'app_label' or 'app_label.ModelName' to a group name",
+                ))
+            }
+        };
+        let mut parsed = HashMap::new();
+        for (label, target) in routes {
+            let route_key = format!("{key}[\"{label}\"]");
+            let well_formed = !label.is_empty()
+                && label.split('.').count() <= 2
+                && label.split('.').all(|part| !part.is_empty());
+            if !well_formed {
+                return Err(error(
+                    route_key,
+                    &Value::str(label),
+                    "a route key is 'app_label' or 'app_label.ModelName'",
+                ));
+            }
+            let group = match target {
+                Value::Str(name) => groups.iter().position(|g| &g.name == name),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                let names: Vec<_> = groups.iter().map(|g| format!("'{}'", g.name)).collect();
+                error(
+                    route_key,
+                    target,
+                    format!("not a group; groups are {}", names.join(", ")),
+                )
+            })?;
+            parsed.insert(label.to_lowercase(), group);
+        }
+        Ok(parsed)
+    }
+
+    fn timing(&self) -> Result<Timing, ConfigError> {
+        let defaults = Timing::default();
+        Ok(Timing {
+            check_interval: self.seconds("CHECK_INTERVAL", defaults.check_interval)?,
+            connect_timeout: self.seconds("CONNECT_TIMEOUT", defaults.connect_timeout)?,
+            rise: self.count("RISE", defaults.rise)?,
+            fall: self.count("FALL", defaults.fall)?,
+            jitter: match self.get("JITTER") {
+                None => defaults.jitter,
+                Some(value) => match number(value) {
+                    Some(j) if (0.0..1.0).contains(&j) => j,
+                    _ => {
+                        return Err(error(
+                            dbha_key("JITTER"),
+                            value,
+                            "must be a number from 0 up to (not including) 1",
+                        ))
+                    }
+                },
+            },
+        })
+    }
+
+    fn seconds(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        // A day is far past any sensible setting and keeps Duration math safe.
+        match number(value) {
+            Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+            _ => Err(error(
+                dbha_key(key),
+                value,
+                "must be a positive number of seconds (at most 86400)",
+            )),
+        }
+    }
+
+    fn count(&self, key: &str, default: u32) -> Result<u32, ConfigError> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        match value {
+            Value::Int(n) if (1..=1000).contains(n) => Ok(u32::try_from(*n).unwrap_or(1)),
+            _ => Err(error(
+                dbha_key(key),
+                value,
+                "must be a whole number from 1 to 1000",
+            )),
+        }
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        key: &str,
+        options: &[(&str, T)],
+        default: T,
+    ) -> Result<T, ConfigError> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        let found = match value {
+            Value::Str(s) => options.iter().find(|(name, _)| name == s).map(|(_, v)| *v),
+            _ => None,
+        };
+        found.ok_or_else(|| {
+            let names: Vec<_> = options
+                .iter()
+                .map(|(name, _)| format!("'{name}'"))
+                .collect();
+            error(
+                dbha_key(key),
+                value,
+                format!("must be one of {}", names.join(", ")),
+            )
+        })
+    }
+}
+
+fn number(value: &Value) -> Option<f64> {
+    match value {
+        #[allow(clippy::cast_precision_loss)] // settings numbers are small
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(x) if x.is_finite() => Some(*x),
+        _ => None,
+    }
+}
+
+fn alias_list(key: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
+    let problem = "must be a non-empty list of aliases from settings.DATABASES";
+    let Value::List(items) = value else {
+        return Err(error(key.to_owned(), value, problem));
+    };
+    if items.is_empty() {
+        return Err(error(key.to_owned(), value, problem));
+    }
+    items
+        .iter()
+        .map(|item| match item {
+            Value::Str(alias) => Ok(alias.clone()),
+            other => Err(error(key.to_owned(), other, "an alias must be a string")),
+        })
+        .collect()
+}
+
+fn engine_of(alias: &str, entry: &Value) -> Result<Option<Engine>, ConfigError> {
+    let key = format!("DATABASES[\"{alias}\"][\"ENGINE\"]");
+    let engine = match entry.get("ENGINE") {
+        Some(Value::Str(engine)) if !engine.is_empty() => engine,
+        Some(other) => return Err(error(key, other, "must name a database backend")),
+        None => return Err(error(key, &Value::None, "must name a database backend")),
+    };
+    let lower = engine.to_lowercase();
+    Ok(if lower.contains("sqlite") {
+        None
+    } else if ["postgresql", "postgis", "psycopg"]
+        .iter()
+        .any(|name| lower.contains(name))
+    {
+        Some(Engine::PostgreSql)
+    } else if lower.contains("mysql") || lower.contains("mariadb") {
+        Some(Engine::MySql)
+    } else {
+        Some(Engine::Other)
+    })
+}
+
+fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), ConfigError> {
+    let entry_key = format!("DATABASES[\"{alias}\"]");
+    let Some(engine) = engine_of(alias, entry)? else {
+        return Err(error(
+            format!("{entry_key}[\"ENGINE\"]"),
+            entry.get("ENGINE").unwrap_or(&Value::None),
+            "SQLite has no server to probe; leave this alias out of DBHA[\"DATABASES\"] or DBHA[\"GROUPS\"]",
+        ));
+    };
+
+    let port_key = format!("{entry_key}[\"PORT\"]");
+    let port_value = entry.get("PORT").unwrap_or(&Value::None);
+    let port = if port_value.is_unset() {
+        match engine {
+            Engine::PostgreSql => 5432,
+            Engine::MySql => 3306,
+            Engine::Other => {
+                return Err(error(
+                    port_key,
+                    port_value,
+                    "dbha needs the port of this engine's server",
+                ))
+            }
+        }
+    } else {
+        let parsed = match port_value {
+            Value::Int(p) => u16::try_from(*p).ok(),
+            Value::Str(s) => s.trim().parse::<u16>().ok(),
+            _ => None,
+        };
+        match parsed {
+            Some(p) if p > 0 => p,
+            _ => {
+                return Err(error(
+                    port_key,
+                    port_value,
+                    "must be a port number from 1 to 65535",
+                ))
+            }
+        }
+    };
+
+    let host_key = format!("{entry_key}[\"HOST\"]");
+    let host_value = entry.get("HOST").unwrap_or(&Value::None);
+    let host = match host_value {
+        Value::None => String::new(),
+        Value::Str(host) => host.trim().to_owned(),
+        other => {
+            return Err(error(
+                host_key,
+                other,
+                "must be a host name, IP or socket directory",
+            ))
+        }
+    };
+    if host.contains(',') {
+        return Err(error(
+            host_key,
+            host_value,
+            "dbha watches one server per alias; give each server its own alias",
+        ));
+    }
+
+    let unix_socket = match entry.get("OPTIONS").and_then(|o| o.get("unix_socket")) {
+        Some(Value::Str(path)) if engine == Engine::MySql && !path.is_empty() => Some(path.clone()),
+        _ => None,
+    };
+    let endpoint = if let Some(path) = unix_socket {
+        Endpoint::Unix(PathBuf::from(path))
+    } else if host.starts_with('/') {
+        match engine {
+            // libpq: HOST is the socket directory.
+            Engine::PostgreSql => {
+                Endpoint::Unix(PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
+            }
+            // Django's MySQL backend: HOST is the socket itself.
+            _ => Endpoint::Unix(PathBuf::from(host)),
+        }
+    } else {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        Endpoint::Tcp {
+            host: if host.is_empty() {
+                "localhost".to_owned()
+            } else {
+                host.to_owned()
+            },
+            port,
+        }
+    };
+    Ok((engine, endpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, Value)]) -> Value {
+        Value::Map(
+            entries
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn list(aliases: &[&str]) -> Value {
+        Value::List(aliases.iter().map(|a| Value::str(a)).collect())
+    }
+
+    fn pg(host: &str, port: i64) -> Value {
+        map(&[
+            ("ENGINE", Value::str("django.db.backends.postgresql")),
+            ("HOST", Value::str(host)),
+            ("PORT", Value::Int(port)),
+            ("PASSWORD", Value::str("hunter2")),
+        ])
+    }
+
+    fn three_pg() -> Value {
+        map(&[
+            ("default", pg("10.0.0.2", 5432)),
+            ("failover1", pg("10.0.0.3", 5432)),
+            ("failover2", pg("db3.example", 5433)),
+        ])
+    }
+
+    fn config(dbha: &Value) -> Result<Config, ConfigError> {
+        Config::from_settings(&three_pg(), dbha)
+    }
+
+    #[test]
+    fn defaults_watch_every_alias_in_order() {
+        let c = config(&Value::None).unwrap();
+        let aliases: Vec<_> = c.nodes.iter().map(|n| n.alias.as_str()).collect();
+        assert_eq!(aliases, ["default", "failover1", "failover2"]);
+        assert_eq!(
+            c.groups,
+            [Group {
+                name: "default".into(),
+                members: 0..3
+            }]
+        );
+        assert_eq!(c.timing, Timing::default());
+        assert_eq!(c.on_all_down, OnAllDown::Last);
+        assert_eq!(c.failback, Failback::Sticky);
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Handshake));
+        assert_eq!(
+            c.nodes[2].endpoint,
+            Endpoint::Tcp {
+                host: "db3.example".into(),
+                port: 5433
+            }
+        );
+    }
+
+    #[test]
+    fn groups_and_routes() {
+        let c = config(&map(&[
+            (
+                "GROUPS",
+                map(&[
+                    ("main", list(&["failover1", "default"])),
+                    ("reports", list(&["failover2"])),
+                ]),
+            ),
+            (
+                "ROUTES",
+                map(&[
+                    ("analytics", Value::str("reports")),
+                    ("shop.Order", Value::str("main")),
+                ]),
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(c.groups[0].name, "main");
+        assert_eq!(c.nodes[c.groups[0].members.start].alias, "failover1");
+        assert_eq!(c.groups[1].members, 2..3);
+        assert_eq!(c.nodes[2].group, 1);
+        assert_eq!(c.routes["analytics"], 1);
+        assert_eq!(c.routes["shop.order"], 0);
+    }
+
+    #[test]
+    fn timing_and_choices() {
+        let c = config(&map(&[
+            ("CHECK_INTERVAL", Value::Float(0.5)),
+            ("CONNECT_TIMEOUT", Value::Int(2)),
+            ("RISE", Value::Int(1)),
+            ("FALL", Value::Int(3)),
+            ("JITTER", Value::Int(0)),
+            ("ON_ALL_DOWN", Value::str("raise")),
+            ("FAILBACK", Value::str("auto")),
+            ("PROBE", map(&[("failover2", Value::str("tcp"))])),
+        ]))
+        .unwrap();
+        assert_eq!(c.timing.check_interval, Duration::from_millis(500));
+        assert_eq!(c.timing.connect_timeout, Duration::from_secs(2));
+        assert_eq!((c.timing.rise, c.timing.fall), (1, 3));
+        assert!(c.timing.jitter.abs() < f64::EPSILON);
+        assert_eq!(c.on_all_down, OnAllDown::Raise);
+        assert_eq!(c.failback, Failback::Auto);
+        assert_eq!(c.nodes[0].probe, ProbeKind::Handshake);
+        assert_eq!(c.nodes[2].probe, ProbeKind::Tcp);
+    }
+
+    #[test]
+    #[allow(clippy::too_many_lines)] // one table of cases
+    fn every_bad_value_names_key_and_value() {
+        let cases = [
+            (
+                map(&[("CHECK_INTERVAL", Value::str("1s"))]),
+                "DBHA[\"CHECK_INTERVAL\"]",
+                "'1s'",
+            ),
+            (
+                map(&[("CHECK_INTERVAL", Value::Int(0))]),
+                "DBHA[\"CHECK_INTERVAL\"]",
+                "0",
+            ),
+            (
+                map(&[("CONNECT_TIMEOUT", Value::Float(-1.0))]),
+                "DBHA[\"CONNECT_TIMEOUT\"]",
+                "-1.0",
+            ),
+            (
+                map(&[("CONNECT_TIMEOUT", Value::Bool(true))]),
+                "DBHA[\"CONNECT_TIMEOUT\"]",
+                "True",
+            ),
+            (map(&[("FALL", Value::Int(0))]), "DBHA[\"FALL\"]", "0"),
+            (map(&[("RISE", Value::Float(2.0))]), "DBHA[\"RISE\"]", "2.0"),
+            (
+                map(&[("JITTER", Value::Float(1.5))]),
+                "DBHA[\"JITTER\"]",
+                "1.5",
+            ),
+            (
+                map(&[("PROBE", Value::str("ping"))]),
+                "DBHA[\"PROBE\"]",
+                "'ping'",
+            ),
+            (
+                map(&[("PROBE", map(&[("nope", Value::str("tcp"))]))]),
+                "DBHA[\"PROBE\"][\"nope\"]",
+                "'nope'",
+            ),
+            (
+                map(&[("ON_ALL_DOWN", Value::str("panic"))]),
+                "DBHA[\"ON_ALL_DOWN\"]",
+                "'panic'",
+            ),
+            (
+                map(&[("FAILBACK", Value::Bool(true))]),
+                "DBHA[\"FAILBACK\"]",
+                "True",
+            ),
+            (
+                map(&[("CHECK_INTERVALS", Value::Int(1))]),
+                "DBHA[\"CHECK_INTERVALS\"]",
+                "1",
+            ),
+            (
+                map(&[("DATABASES", list(&["default", "replica"]))]),
+                "DBHA[\"DATABASES\"]",
+                "'replica'",
+            ),
+            (
+                map(&[("DATABASES", list(&[]))]),
+                "DBHA[\"DATABASES\"]",
+                "[]",
+            ),
+            (
+                map(&[("DATABASES", Value::str("default"))]),
+                "DBHA[\"DATABASES\"]",
+                "'default'",
+            ),
+            (
+                map(&[("DATABASES", list(&["default", "default"]))]),
+                "DBHA[\"DATABASES\"]",
+                "'default'",
+            ),
+            (
+                map(&[("GROUPS", map(&[("a", list(&[]))]))]),
+                "DBHA[\"GROUPS\"][\"a\"]",
+                "[]",
+            ),
+            (map(&[("GROUPS", map(&[]))]), "DBHA[\"GROUPS\"]", "{}"),
+            (
+                map(&[(
+                    "GROUPS",
+                    map(&[("a", list(&["default"])), ("b", list(&["default"]))]),
+                )]),
+                "DBHA[\"GROUPS\"][\"b\"]",
+                "'default'",
+            ),
+            (
+                map(&[
+                    ("DATABASES", list(&["default"])),
+                    ("GROUPS", map(&[("a", list(&["default"]))])),
+                ]),
+                "DBHA[\"GROUPS\"]",
+                "{'a': ['default']}",
+            ),
+            (
+                map(&[("ROUTES", map(&[("shop", Value::str("reports"))]))]),
+                "DBHA[\"ROUTES\"][\"shop\"]",
+                "'reports'",
+            ),
+            (
+                map(&[("ROUTES", map(&[("a.b.c", Value::str("default"))]))]),
+                "DBHA[\"ROUTES\"][\"a.b.c\"]",
+                "'a.b.c'",
+            ),
+            (
+                map(&[("ROUTES", Value::List(vec![]))]),
+                "DBHA[\"ROUTES\"]",
+                "[]",
+            ),
+            (Value::List(vec![]), "DBHA", "[]"),
+        ];
+        for (dbha, key, value) in cases {
+            let e = config(&dbha).unwrap_err();
+            assert_eq!(
+                (e.key.as_str(), e.value.as_str()),
+                (key, value),
+                "for {dbha}: {e}"
+            );
+            assert!(!e.problem.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_database_entries() {
+        let bad = |entry: Value| {
+            Config::from_settings(&map(&[("default", entry)]), &Value::None).unwrap_err()
+        };
+        let e = bad(map(&[("ENGINE", Value::str("django.db.backends.sqlite3"))]));
+        assert_eq!(e.key, "DATABASES[\"default\"][\"ENGINE\"]");
+        let e = bad(map(&[
+            ("ENGINE", Value::str("django.db.backends.postgresql")),
+            ("PORT", Value::str("54x")),
+        ]));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("DATABASES[\"default\"][\"PORT\"]", "'54x'")
+        );
+        let e = bad(map(&[
+            ("ENGINE", Value::str("django.db.backends.postgresql")),
+            ("PORT", Value::Int(70000)),
+        ]));
+        assert_eq!(e.value, "70000");
+        let e = bad(map(&[
+            ("ENGINE", Value::str("django.db.backends.postgresql")),
+            ("HOST", Value::str("a,b")),
+        ]));
+        assert_eq!(e.key, "DATABASES[\"default\"][\"HOST\"]");
+        let e = bad(map(&[
+            ("ENGINE", Value::str("oracle")),
+            ("HOST", Value::str("db")),
+        ]));
+        assert_eq!(e.key, "DATABASES[\"default\"][\"PORT\"]");
+        let e = bad(map(&[("HOST", Value::str("db"))]));
+        assert_eq!(e.key, "DATABASES[\"default\"][\"ENGINE\"]");
+        let e = Config::from_settings(&Value::List(vec![]), &Value::None).unwrap_err();
+        assert_eq!(e.key, "DATABASES");
+        let e = Config::from_settings(&map(&[]), &Value::None).unwrap_err();
+        assert_eq!(e.key, "DATABASES");
+    }
+
+    #[test]
+    fn no_error_quotes_a_password() {
+        let e = config(&map(&[("DATABASES", list(&["default", "nope"]))])).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"));
+        let oracle = map(&[(
+            "x",
+            map(&[
+                ("ENGINE", Value::str("oracle")),
+                ("PASSWORD", Value::str("hunter2")),
+            ]),
+        )]);
+        let e = Config::from_settings(&oracle, &map(&[("PROBE", Value::str("handshake"))]))
+            .unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn hosts_as_django_gives_them() {
+        let endpoint = |engine: &str, host: Value, port: Value, options: Value| {
+            let entry = map(&[
+                ("ENGINE", Value::str(engine)),
+                ("HOST", host),
+                ("PORT", port),
+                ("OPTIONS", options),
+            ]);
+            Config::from_settings(&map(&[("db", entry)]), &Value::None)
+                .unwrap()
+                .nodes[0]
+                .endpoint
+                .clone()
+        };
+        let pg = "django.db.backends.postgresql";
+        let my = "django.db.backends.mysql";
+        assert_eq!(
+            endpoint(pg, Value::str(""), Value::str(""), Value::None),
+            Endpoint::Tcp {
+                host: "localhost".into(),
+                port: 5432
+            }
+        );
+        assert_eq!(
+            endpoint(pg, Value::str("::1"), Value::str("6543"), Value::None),
+            Endpoint::Tcp {
+                host: "::1".into(),
+                port: 6543
+            }
+        );
+        assert_eq!(
+            endpoint(pg, Value::str("[::1]"), Value::Int(5), Value::None).to_string(),
+            "[::1]:5"
+        );
+        assert_eq!(
+            endpoint(pg, Value::str("/run/pg"), Value::Int(5433), Value::None),
+            Endpoint::Unix("/run/pg/.s.PGSQL.5433".into())
+        );
+        assert_eq!(
+            endpoint(
+                my,
+                Value::None,
+                Value::None,
+                map(&[("unix_socket", Value::str("/run/my.sock"))])
+            ),
+            Endpoint::Unix("/run/my.sock".into())
+        );
+        assert_eq!(
+            endpoint(my, Value::str("/run/m.sock"), Value::None, Value::None),
+            Endpoint::Unix("/run/m.sock".into())
+        );
+        assert_eq!(
+            endpoint(
+                "django.contrib.gis.db.backends.postgis",
+                Value::str("db"),
+                Value::None,
+                Value::None
+            ),
+            Endpoint::Tcp {
+                host: "db".into(),
+                port: 5432
+            }
+        );
+    }
+
+    #[test]
+    fn other_engines_default_to_tcp_and_refuse_handshake() {
+        let dbs = map(&[(
+            "x",
+            map(&[
+                ("ENGINE", Value::str("oracle")),
+                ("HOST", Value::str("o")),
+                ("PORT", Value::Int(1521)),
+            ]),
+        )]);
+        let c = Config::from_settings(&dbs, &Value::None).unwrap();
+        assert_eq!(c.nodes[0].probe, ProbeKind::Tcp);
+        let e =
+            Config::from_settings(&dbs, &map(&[("PROBE", Value::str("handshake"))])).unwrap_err();
+        assert_eq!(e.key, "DBHA[\"PROBE\"]");
+    }
+}

@@ -1,0 +1,349 @@
+//! The process-wide checker as Python sees it: started lazily from Django
+//! settings on first use, restarted in the child after a fork, and read
+//! lock-free on the hot path.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use parking_lot::{Mutex, MutexGuard};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::checker::{Checker, NetworkProber, Route, Snapshot};
+use crate::config::{Config, ConfigError, OnAllDown};
+use crate::py_log;
+use crate::py_value::to_value;
+
+pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
+pyo3::import_exception!(dbha.exceptions, NoHealthyDatabase);
+
+/// Longest slice of a blocking wait before checking for Ctrl-C.
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Bumped in the child after every fork: a runtime from an older generation
+/// belongs to the parent, whose threads the child does not have.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static RUNTIME: ArcSwapOption<Runtime> = ArcSwapOption::const_empty();
+/// Bumped whenever `RUNTIME` changes or the process forks: it tells each
+/// thread's cached runtime (below) whether it is still the current one.
+static EPOCH: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's copy of the current runtime and the epoch it was read
+    /// at. It keeps the hot path to one atomic load: loading `RUNTIME`
+    /// itself costs as much again as a Python function call.
+    static CURRENT: RefCell<(u64, Option<Arc<Runtime>>)> = const { RefCell::new((0, None)) };
+}
+/// Serialises starting a runtime. Only ever locked detached from the
+/// interpreter (see `lock_detached`), so it cannot deadlock with the GIL.
+static START: Mutex<()> = Mutex::new(());
+
+pub struct Runtime {
+    generation: u64,
+    pub checker: Checker,
+    /// Per node, the alias as an interned Python string: the hot path
+    /// returns a new reference, never a new string.
+    aliases: Vec<Py<PyString>>,
+    /// Model class to group index, when `ROUTES` makes it vary.
+    model_groups: Option<Py<PyDict>>,
+    /// Set once the first probe round is in (or its wait timed out).
+    informed: AtomicBool,
+}
+
+impl Runtime {
+    pub fn config(&self) -> &Config {
+        self.checker.config()
+    }
+
+    pub fn group_index(&self, name: Option<&str>) -> PyResult<usize> {
+        let Some(name) = name else { return Ok(0) };
+        self.config().group_index(name).ok_or_else(|| {
+            let known: Vec<_> = self
+                .config()
+                .groups
+                .iter()
+                .map(|g| format!("'{}'", g.name))
+                .collect();
+            PyValueError::new_err(format!(
+                "unknown dbha group '{name}'; groups are {}",
+                known.join(", ")
+            ))
+        })
+    }
+
+    pub fn node_index(&self, alias: &str) -> Option<usize> {
+        self.config().node_index(alias)
+    }
+
+    /// The group a model's queries go to, from `ROUTES`.
+    pub fn model_group(&self, py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let Some(cache) = &self.model_groups else {
+            return Ok(0);
+        };
+        let cache = cache.bind(py);
+        if let Some(group) = cache.get_item(model)? {
+            return group.extract();
+        }
+        let meta = model.getattr(pyo3::intern!(py, "_meta"))?;
+        let label: String = meta.getattr(pyo3::intern!(py, "label_lower"))?.extract()?;
+        let app_label: String = meta.getattr(pyo3::intern!(py, "app_label"))?.extract()?;
+        let routes = &self.config().routes;
+        let group = routes
+            .get(&label)
+            .or_else(|| routes.get(&app_label.to_lowercase()))
+            .copied()
+            .unwrap_or(0);
+        cache.set_item(model, group)?;
+        Ok(group)
+    }
+
+    /// The alias to write to in `group`.
+    #[inline]
+    pub fn writer(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
+        match self.checker.route(group) {
+            Route::Healthy(node) => Ok(self.aliases[node].clone_ref(py)),
+            Route::AllDown(node) => match self.config().on_all_down {
+                OnAllDown::Last => Ok(self.aliases[node].clone_ref(py)),
+                OnAllDown::Raise => Err(NoHealthyDatabase::new_err(self.all_down_message(group))),
+            },
+        }
+    }
+
+    #[cold]
+    fn all_down_message(&self, group: usize) -> String {
+        let config = self.config();
+        let snapshot = self.checker.snapshot();
+        let reasons: Vec<_> = config.groups[group]
+            .members
+            .clone()
+            .map(|i| {
+                let node = &config.nodes[i];
+                let health = &snapshot.nodes[i];
+                let reason = health
+                    .last_error
+                    .as_ref()
+                    .map_or_else(|| health.health.as_str().to_owned(), ToString::to_string);
+                format!("{} ({}): {reason}", node.alias, node.endpoint)
+            })
+            .collect();
+        format!(
+            "no healthy database in group '{}': {}",
+            config.groups[group].name,
+            reasons.join("; ")
+        )
+    }
+}
+
+/// Runs `f` with the current runtime, starting it (and awaiting its first
+/// round) if needed. The fast path is a thread-local read and one atomic load.
+#[inline]
+pub fn with_runtime<R>(py: Python<'_>, f: impl FnOnce(&Runtime) -> PyResult<R>) -> PyResult<R> {
+    let epoch = EPOCH.load(Ordering::Acquire);
+    CURRENT.with(|current| {
+        // A shared borrow: `f` may run Python code that calls back in here.
+        if let Ok(cached) = current.try_borrow() {
+            if let (true, Some(runtime)) = (cached.0 == epoch, &cached.1) {
+                return f(runtime);
+            }
+        }
+        let runtime = start(py)?;
+        if let Ok(mut cached) = current.try_borrow_mut() {
+            *cached = (epoch, Some(Arc::clone(&runtime)));
+        }
+        f(&runtime)
+    })
+}
+
+/// The current runtime, informed by its first round: started if there is
+/// none, or none of this process's own (after a fork).
+#[cold]
+fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
+    let runtime = {
+        let _start = lock_detached(py, &START);
+        let generation = FORK_GENERATION.load(Ordering::Relaxed);
+        let current = RUNTIME.load_full();
+        match current {
+            Some(runtime) if runtime.generation == generation => runtime,
+            previous => {
+                let seed = previous.map(|parent| {
+                    // The parent's threads do not exist here, and its locks
+                    // may be held forever: read its last snapshot (lock-free)
+                    // and never drop it.
+                    let seed = Snapshot::clone(&parent.checker.snapshot());
+                    std::mem::forget(parent);
+                    py_log::forget_after_fork();
+                    seed
+                });
+                let runtime = Arc::new(new_runtime(py, generation, seed.as_ref())?);
+                RUNTIME.store(Some(Arc::clone(&runtime)));
+                EPOCH.fetch_add(1, Ordering::AcqRel);
+                runtime
+            }
+        }
+    };
+    if !runtime.informed.load(Ordering::Relaxed) {
+        // One probe round finishes within the deadline; a little slack on top.
+        let limit = runtime.config().timing.connect_timeout + Duration::from_millis(250);
+        wait_detached(py, limit, |slice| runtime.checker.wait_for_round(1, slice))?;
+        runtime.informed.store(true, Ordering::Relaxed);
+    }
+    Ok(runtime)
+}
+
+fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyResult<Runtime> {
+    let config = Arc::new(read_config(py)?);
+    let aliases = config
+        .nodes
+        .iter()
+        .map(|n| PyString::intern(py, &n.alias).unbind())
+        .collect();
+    let model_groups =
+        (config.groups.len() > 1 && !config.routes.is_empty()).then(|| PyDict::new(py).unbind());
+    if !py_log::running() {
+        py_log::start();
+    }
+    let checker = Checker::start(config, Arc::new(NetworkProber), seed).map_err(|e| {
+        PyOSError::new_err(format!("dbha: cannot start the health checker thread: {e}"))
+    })?;
+    Ok(Runtime {
+        generation,
+        checker,
+        aliases,
+        model_groups,
+        informed: AtomicBool::new(seed.is_some()),
+    })
+}
+
+/// Reads `settings.DATABASES` and `settings.DBHA` through `dbha.conf`.
+fn read_config(py: Python<'_>) -> PyResult<Config> {
+    let (databases, dbha): (Bound<'_, PyAny>, Bound<'_, PyAny>) = py
+        .import("dbha.conf")?
+        .call_method0("read_settings")?
+        .extract()?;
+    config_from(&databases, &dbha)
+}
+
+pub fn config_from(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyResult<Config> {
+    Config::from_settings(&to_value(databases), &to_value(dbha))
+        .map_err(|e| improperly_configured(&e))
+}
+
+fn improperly_configured(e: &ConfigError) -> PyErr {
+    ImproperlyConfigured::new_err(format!("dbha: {e}"))
+}
+
+/// Takes `lock` without holding the interpreter while waiting for it.
+fn lock_detached<'a>(py: Python<'_>, lock: &'a Mutex<()>) -> MutexGuard<'a, ()> {
+    loop {
+        if let Some(guard) = lock.try_lock() {
+            return guard;
+        }
+        py.detach(|| drop(lock.lock()));
+    }
+}
+
+/// Runs `wait` detached from the interpreter in short slices until it
+/// returns true or `limit` passes, raising if a signal handler does (Ctrl-C).
+pub fn wait_detached(
+    py: Python<'_>,
+    limit: Duration,
+    wait: impl Fn(Duration) -> bool + Send + Sync,
+) -> PyResult<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(false);
+        }
+        if py.detach(|| wait(left.min(SIGNAL_POLL))) {
+            return Ok(true);
+        }
+        py.check_signals()?;
+    }
+}
+
+/// Drops the runtime so that the next call reads settings afresh
+/// (`setting_changed`). With `join`, also waits for its threads.
+pub fn reset(py: Python<'_>, join: bool) {
+    let _start = lock_detached(py, &START);
+    let Some(runtime) = RUNTIME.swap(None) else {
+        return;
+    };
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+    if runtime.generation != FORK_GENERATION.load(Ordering::Relaxed) {
+        std::mem::forget(runtime);
+        py_log::forget_after_fork();
+        return;
+    }
+    if join {
+        py.detach(|| {
+            runtime.checker.stop(true);
+            py_log::stop();
+        });
+    } else {
+        runtime.checker.stop(false);
+    }
+}
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+    EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Registers the fork handler once per process.
+pub fn install_fork_handler() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: registers a plain function that only touches atomics,
+        // which is async-signal-safe as a child fork handler must be.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_in_child));
+        }
+    });
+}
+
+/// One status row: (alias, group, state, latency s, last error, checked at
+/// (epoch s), consecutive successes, consecutive failures, is writer).
+pub type StatusRow = (
+    String,
+    String,
+    &'static str,
+    Option<f64>,
+    Option<String>,
+    Option<f64>,
+    u32,
+    u32,
+    bool,
+);
+
+pub fn status_rows(runtime: &Runtime, group: Option<usize>) -> Vec<StatusRow> {
+    let config = runtime.config();
+    let snapshot = runtime.checker.snapshot();
+    config
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, node)| group.is_none_or(|g| g == node.group))
+        .map(|(i, node)| {
+            let health = &snapshot.nodes[i];
+            (
+                node.alias.clone(),
+                config.groups[node.group].name.clone(),
+                health.health.as_str(),
+                health.latency.map(|l| l.as_secs_f64()),
+                health.last_error.as_ref().map(ToString::to_string),
+                health
+                    .checked_at
+                    .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs_f64()),
+                health.successes,
+                health.failures,
+                snapshot.writers[node.group] == Some(i),
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,175 @@
+//! Per-node health: `unknown` → `up`/`down`, with RISE/FALL hysteresis.
+
+use std::time::{Duration, SystemTime};
+
+use crate::probe::Failure;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    Up,
+    Down,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Up => "up",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// What one probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOutcome {
+    pub result: Result<(), Failure>,
+    pub latency: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeHealth {
+    pub health: Health,
+    /// Consecutive successful probes (0 after a failure).
+    pub successes: u32,
+    /// Consecutive failed probes (0 after a success).
+    pub failures: u32,
+    /// Duration of the last probe, successful or not.
+    pub latency: Option<Duration>,
+    /// Why the last probe failed; `None` when it succeeded.
+    pub last_error: Option<Failure>,
+    pub checked_at: Option<SystemTime>,
+}
+
+impl Default for NodeHealth {
+    fn default() -> Self {
+        Self {
+            health: Health::Unknown,
+            successes: 0,
+            failures: 0,
+            latency: None,
+            last_error: None,
+            checked_at: None,
+        }
+    }
+}
+
+impl NodeHealth {
+    /// Records a probe outcome; returns the new health if it changed.
+    ///
+    /// The first outcome decides an unknown node at once, so that a process
+    /// gets an informed answer after one round; after that a node changes
+    /// only after `rise` successes or `fall` failures in a row, so that one
+    /// lost packet does not move writes.
+    pub fn record(
+        &mut self,
+        outcome: ProbeOutcome,
+        rise: u32,
+        fall: u32,
+        at: SystemTime,
+    ) -> Option<Health> {
+        self.latency = Some(outcome.latency);
+        self.checked_at = Some(at);
+        let before = self.health;
+        match outcome.result {
+            Ok(()) => {
+                self.successes = self.successes.saturating_add(1);
+                self.failures = 0;
+                self.last_error = None;
+                if before == Health::Unknown || (before == Health::Down && self.successes >= rise) {
+                    self.health = Health::Up;
+                }
+            }
+            Err(failure) => {
+                self.failures = self.failures.saturating_add(1);
+                self.successes = 0;
+                self.last_error = Some(failure);
+                if before == Health::Unknown || (before == Health::Up && self.failures >= fall) {
+                    self.health = Health::Down;
+                }
+            }
+        }
+        (self.health != before).then_some(self.health)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.health == Health::Up
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> ProbeOutcome {
+        ProbeOutcome {
+            result: Ok(()),
+            latency: Duration::from_millis(1),
+        }
+    }
+
+    fn refused() -> ProbeOutcome {
+        ProbeOutcome {
+            result: Err(Failure::Refused),
+            latency: Duration::from_millis(1),
+        }
+    }
+
+    fn run(node: &mut NodeHealth, outcome: ProbeOutcome) -> Option<Health> {
+        node.record(outcome, 2, 3, SystemTime::now())
+    }
+
+    #[test]
+    fn first_outcome_decides_unknown() {
+        let mut up = NodeHealth::default();
+        assert_eq!(run(&mut up, ok()), Some(Health::Up));
+        let mut down = NodeHealth::default();
+        assert_eq!(run(&mut down, refused()), Some(Health::Down));
+        assert_eq!(down.last_error, Some(Failure::Refused));
+    }
+
+    #[test]
+    fn fall_needs_consecutive_failures() {
+        let mut node = NodeHealth::default();
+        run(&mut node, ok());
+        assert_eq!(run(&mut node, refused()), None);
+        assert_eq!(run(&mut node, refused()), None);
+        assert_eq!(run(&mut node, ok()), None, "a success resets the count");
+        assert_eq!(node.failures, 0);
+        run(&mut node, refused());
+        run(&mut node, refused());
+        assert_eq!(run(&mut node, refused()), Some(Health::Down));
+        assert_eq!(node.failures, 3);
+    }
+
+    #[test]
+    fn rise_needs_consecutive_successes() {
+        let mut node = NodeHealth::default();
+        run(&mut node, refused());
+        assert_eq!(run(&mut node, ok()), None);
+        assert_eq!(node.last_error, None);
+        assert_eq!(run(&mut node, refused()), None);
+        assert_eq!(run(&mut node, ok()), None);
+        assert_eq!(run(&mut node, ok()), Some(Health::Up));
+        assert_eq!(node.successes, 2);
+    }
+
+    #[test]
+    fn records_latency_and_time() {
+        let mut node = NodeHealth::default();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+        node.record(
+            ProbeOutcome {
+                result: Ok(()),
+                latency: Duration::from_millis(3),
+            },
+            1,
+            1,
+            at,
+        );
+        assert_eq!(node.latency, Some(Duration::from_millis(3)));
+        assert_eq!(node.checked_at, Some(at));
+    }
+}
