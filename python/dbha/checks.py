@@ -1,5 +1,6 @@
 """Django system checks: `dbha.E001` for settings dbha cannot use."""
 
+from collections.abc import Sequence
 from typing import Any
 
 from django.apps import AppConfig
@@ -10,7 +11,7 @@ from django.core.exceptions import ImproperlyConfigured
 from dbha import _core
 
 
-def check_settings(app_configs: list[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     try:
         _core.validate_settings(settings.DATABASES, getattr(settings, "DBHA", None))
     except ImproperlyConfigured as e:

@@ -1,0 +1,167 @@
+"""Hot-path benchmark: ns per call of `dbha.available_db()` and the router,
+against a floor (a Python function returning a constant) and two reference
+implementations, all measured in this run.
+
+    python benches/hot_path.py [--repeat 7] [--number 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import django
+from django.conf import settings
+
+
+def configure(port: int) -> None:
+    settings.configure(
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.postgresql",
+                "HOST": "127.0.0.1",
+                "PORT": port,
+                "NAME": "bench",
+            },
+        },
+        DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
+        INSTALLED_APPS=[],
+        # A plain listener stands in for the server: the hot path never
+        # touches it, only the background probe does.
+        DBHA={"PROBE": "tcp"},
+    )
+    django.setup()
+
+
+class ConstantRouter:
+    def db_for_write(self, model: type, **hints: object) -> str:
+        return "default"
+
+
+class RecipeRouter:
+    """The blog recipe's cache: a text file holding the chosen alias and the
+    time it was chosen, read and parsed on every call."""
+
+    FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text(f"default|{datetime.now().strftime(self.FORMAT)}")
+
+    def available_db(self) -> str:
+        alias, stamp = self.path.read_text().split("|")
+        if datetime.now() - datetime.strptime(stamp, self.FORMAT) < timedelta(seconds=10):
+            return alias
+        return "default"
+
+
+class LockedCache:
+    """A pure-Python in-memory cache updated by a background thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._alias = "default"
+
+    def available_db(self) -> str:
+        with self._lock:
+            return self._alias
+
+
+def constant() -> str:
+    return "default"
+
+
+def measure(statement: str, namespace: dict[str, object], number: int, repeat: int) -> float:
+    """Median ns per call over `repeat` runs of `number` calls. A statement
+    (not a lambda) so that no extra Python frame is timed."""
+    runs = timeit.repeat(statement, globals=namespace, number=number, repeat=repeat)
+    return statistics.median(runs) / number * 1e9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--number", type=int, default=200_000)
+    args = parser.parse_args()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    configure(listener.getsockname()[1])
+
+    from django.db import models
+    from django.db.utils import ConnectionRouter
+
+    import dbha
+
+    class Thing(models.Model):
+        class Meta:
+            app_label = "bench"
+
+    assert dbha.available_db() == "default"
+    ours = dbha.ModelDatabaseRouter()
+    django_ours = ConnectionRouter(["dbha.ModelDatabaseRouter"])
+    django_constant = ConnectionRouter([ConstantRouter()])
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = RecipeRouter(Path(tmp) / "db_cache.txt")
+        locked = LockedCache()
+        namespace: dict[str, object] = {
+            "constant": constant,
+            "available_db": dbha.available_db,
+            "ours": ours,
+            "Thing": Thing,
+            "recipe": recipe,
+            "locked": locked,
+            "django_ours": django_ours,
+            "django_constant": django_constant,
+        }
+        cases = [
+            ("Python function returning a constant (floor)", "constant()", "floor"),
+            ("dbha.available_db()", "available_db()", "floor"),
+            ("ModelDatabaseRouter().db_for_write(Model)", "ours.db_for_write(Thing)", "floor"),
+            ("recipe: file read + strptime per call", "recipe.available_db()", "floor"),
+            ("pure-Python cache behind threading.Lock", "locked.available_db()", "floor"),
+            (
+                "Django ConnectionRouter, constant router",
+                "django_constant.db_for_write(Thing)",
+                "django",
+            ),
+            ("Django ConnectionRouter, dbha router", "django_ours.db_for_write(Thing)", "django"),
+        ]
+        results = {
+            name: measure(statement, namespace, args.number, args.repeat)
+            for name, statement, _ in cases
+        }
+    dbha.close()
+    listener.close()
+
+    baselines = {
+        "floor": results[cases[0][0]],
+        "django": results["Django ConnectionRouter, constant router"],
+    }
+    print(
+        f"Python {sys.version.split()[0]}, Django {django.get_version()}, dbha {dbha.__version__}"
+    )
+    print(
+        f"median of {args.repeat} runs x {args.number} calls, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
+    print()
+    print("| call | ns/call | ratio |")
+    print("|---|---:|---:|")
+    for name, _, baseline in cases:
+        ratio = results[name] / baselines[baseline]
+        against = "floor" if baseline == "floor" else "constant router"
+        print(f"| {name} | {results[name]:.1f} | {ratio:.2f}x {against} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Settings: every bad value raises ImproperlyConfigured naming the key and
+the value, settings are read lazily and re-read on override_settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from django.core.checks import run_checks
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+import dbha
+from tests.conftest import PG_PORTS, TEST_DBHA, pg_settings
+
+BAD_DBHA: list[tuple[dict[str, Any], str, str]] = [
+    ({"CHECK_INTERVAL": "1s"}, 'DBHA["CHECK_INTERVAL"]', "'1s'"),
+    ({"CHECK_INTERVAL": 0}, 'DBHA["CHECK_INTERVAL"]', "= 0"),
+    ({"CHECK_INTERVAL": -2.5}, 'DBHA["CHECK_INTERVAL"]', "-2.5"),
+    ({"CONNECT_TIMEOUT": None}, 'DBHA["CONNECT_TIMEOUT"]', "None"),
+    ({"CONNECT_TIMEOUT": True}, 'DBHA["CONNECT_TIMEOUT"]', "True"),
+    ({"RISE": 1.5}, 'DBHA["RISE"]', "1.5"),
+    ({"FALL": 0}, 'DBHA["FALL"]', "= 0"),
+    ({"JITTER": 2}, 'DBHA["JITTER"]', "= 2"),
+    ({"PROBE": "ping"}, 'DBHA["PROBE"]', "'ping'"),
+    ({"PROBE": {"nope": "tcp"}}, 'DBHA["PROBE"]["nope"]', "'nope'"),
+    ({"PROBE": {"default": "icmp"}}, 'DBHA["PROBE"]["default"]', "'icmp'"),
+    ({"ON_ALL_DOWN": "panic"}, 'DBHA["ON_ALL_DOWN"]', "'panic'"),
+    ({"FAILBACK": "always"}, 'DBHA["FAILBACK"]', "'always'"),
+    ({"CHECK_INTERVALS": 1}, 'DBHA["CHECK_INTERVALS"]', "= 1"),
+    ({"DATABASES": ["default", "replica"]}, 'DBHA["DATABASES"]', "'replica'"),
+    ({"DATABASES": []}, 'DBHA["DATABASES"]', "[]"),
+    ({"DATABASES": "default"}, 'DBHA["DATABASES"]', "'default'"),
+    ({"GROUPS": {"main": []}}, 'DBHA["GROUPS"]["main"]', "[]"),
+    (
+        {"GROUPS": {"a": ["default"], "b": ["default", "failover1"]}},
+        'DBHA["GROUPS"]["b"]',
+        "'default'",
+    ),
+    (
+        {"DATABASES": ["default"], "GROUPS": {"a": ["failover1"]}},
+        'DBHA["GROUPS"]',
+        "{'a': ['failover1']}",
+    ),
+    ({"ROUTES": {"shop": "reports"}}, 'DBHA["ROUTES"]["shop"]', "'reports'"),
+    ({"ROUTES": {"a.b.c": "default"}}, 'DBHA["ROUTES"]["a.b.c"]', "'a.b.c'"),
+]
+
+
+@pytest.mark.parametrize(("dbha_settings", "key", "value"), BAD_DBHA)
+def test_bad_dbha_setting_names_key_and_value(
+    dbha_settings: dict[str, Any], key: str, value: str
+) -> None:
+    with override_settings(DBHA=dbha_settings):
+        with pytest.raises(ImproperlyConfigured) as raised:
+            dbha.available_db()
+        assert key in str(raised.value)
+        assert value in str(raised.value)
+        # The same problem is a system check error.
+        errors = [e for e in run_checks() if e.id == "dbha.E001"]
+        assert len(errors) == 1
+        assert key in errors[0].msg
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+@pytest.mark.parametrize(
+    ("entry", "key", "value"),
+    [
+        ({"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}, '["ENGINE"]', "sqlite3"),
+        (pg_settings(0), '["PORT"]', "= 0"),
+        (pg_settings("54x"), '["PORT"]', "'54x'"),
+        (pg_settings(5432, HOST="db1,db2"), '["HOST"]', "'db1,db2'"),
+        ({"ENGINE": "django.db.backends.oracle", "HOST": "o"}, '["PORT"]', "None"),
+    ],
+)
+def test_bad_database_entry_names_key_and_value(
+    entry: dict[str, Any], key: str, value: str
+) -> None:
+    databases = {"default": pg_settings(PG_PORTS["default"]), "extra": entry}
+    with override_settings(DATABASES=databases, DBHA={}):
+        with pytest.raises(ImproperlyConfigured) as raised:
+            dbha.available_db()
+        message = str(raised.value)
+        assert f'DATABASES["extra"]{key}' in message
+        assert value in message
+        assert "s3cret-password" not in message
+
+
+def test_valid_settings_pass_the_system_check() -> None:
+    assert [e for e in run_checks() if e.id.startswith("dbha.")] == []
+
+
+def test_unknown_group_and_alias_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown dbha group 'nope'"):
+        dbha.available_db("nope")
+    with pytest.raises(ValueError, match="does not watch alias 'nope'"):
+        dbha.report_failure("nope")
+
+
+def test_importing_dbha_reads_no_settings() -> None:
+    # Without DJANGO_SETTINGS_MODULE, touching settings would raise.
+    code = "import dbha, dbha.apps, dbha.checks, dbha.conf; print(dbha.__version__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == dbha.__version__
+
+
+def test_settings_are_read_on_first_use_and_after_changes() -> None:
+    # Nothing listens on these ports: every alias is down, the default policy
+    # answers the first alias.
+    assert dbha.available_db() == "default"
+    with override_settings(DBHA={**TEST_DBHA, "DATABASES": ["failover2", "default"]}):
+        assert dbha.available_db() == "failover2"
+        assert [s.alias for s in dbha.status()] == ["failover2", "default"]
+    assert dbha.available_db() == "default"
+    assert len(dbha.status()) == 3
