@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
+import localdjango
+
 import localdb
 
 WRITE_EVERY = 0.05  # seconds between writes
@@ -42,50 +44,14 @@ def require_postgres() -> None:
         )
 
 
-def configure_django(cluster: localdb.PgCluster) -> None:
-    import django
-    from django.conf import settings
-
-    aliases = ("default", "failover1", "failover2")
-    settings.configure(
-        DATABASES={
-            alias: {
-                "ENGINE": "django.db.backends.postgresql",
-                "HOST": "127.0.0.1",
-                "PORT": server.port,
-                "NAME": "postgres",
-                "USER": "postgres",
-                "CONN_MAX_AGE": 0,
-                "OPTIONS": {"connect_timeout": 2},
-            }
-            for alias, server in zip(aliases, cluster.servers, strict=True)
-        },
-        DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-    )
-    django.setup()
-
-
 def main() -> int:
     require_postgres()
     print("Starting PostgreSQL: a primary and two streaming standbys on loopback...")
     with localdb.PgCluster(standbys=2) as cluster:
-        configure_django(cluster)
-        from django.db import connection, connections, models
+        Order = localdjango.configure(cluster)
+        from django.db import connections
 
         import dbha
-
-        class Order(models.Model):
-            note = models.CharField(max_length=50)
-
-            class Meta:
-                app_label = "demo"
-
-        with connection.schema_editor() as editor:
-            editor.create_model(Order)
-        connections.close_all()
-        cluster.wait_replayed()
 
         servers = zip(connections, cluster.servers, strict=True)
         print("  " + ", ".join(f"{alias} on port {server.port}" for alias, server in servers))

@@ -8,7 +8,8 @@ use crate::py_checker::with_runtime;
 /// Routes every model's reads and writes to its group's healthy writer.
 ///
 /// Add `"dbha.ModelDatabaseRouter"` to `DATABASE_ROUTERS`.
-#[pyclass(frozen, module = "dbha")]
+// `subclass`: projects extend it, e.g. with their own `allow_migrate`.
+#[pyclass(frozen, subclass, module = "dbha")]
 pub struct ModelDatabaseRouter;
 
 // Django calls these as methods; the router itself has no state.

@@ -2,6 +2,18 @@
 
 from typing import Any
 
+__all__ = [
+    "ModelDatabaseRouter",
+    "__version__",
+    "available_db",
+    "check_now",
+    "close",
+    "report_failure",
+    "reset",
+    "status",
+    "validate_settings",
+]
+
 __version__: str
 
 class ModelDatabaseRouter:
