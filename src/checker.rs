@@ -43,7 +43,7 @@ pub struct NetworkProber;
 
 impl Prober for NetworkProber {
     fn probe(&self, node: &Node, timeout: Duration) -> Result<(), Failure> {
-        probe::probe(node, timeout)
+        probe::probe(node, Instant::now() + timeout)
     }
 }
 

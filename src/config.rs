@@ -52,6 +52,9 @@ pub enum ProbeKind {
     Tcp,
     /// Connect and a protocol exchange the server itself must answer.
     Handshake,
+    /// Log in over one persistent connection and ask the server its role
+    /// (primary or standby) and replication lag.
+    Role,
 }
 
 impl ProbeKind {
@@ -59,9 +62,87 @@ impl ProbeKind {
         match name {
             "tcp" => Some(Self::Tcp),
             "handshake" => Some(Self::Handshake),
+            "role" => Some(Self::Role),
             _ => None,
         }
     }
+}
+
+/// A password: never printed, not even by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Who the `role` probe logs in as, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Login {
+    pub user: String,
+    pub password: Option<Secret>,
+    /// The database to connect to; empty for none (MySQL).
+    pub database: String,
+}
+
+/// TLS use, with libpq's `sslmode` meanings (MySQL's `ssl_mode` maps onto
+/// them: DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub mode: SslMode,
+    /// CA certificates (PEM) to verify the server with.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Where reads go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Reads follow writes.
+    Writer,
+    /// Healthy standbys within `MAX_REPLICA_LAG`, else the writer.
+    Replicas,
+    /// Those standbys and the writer.
+    Any,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    Random,
+    /// The reader with the lowest latency in the last probe.
+    Latency,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reads {
+    pub mode: ReadMode,
+    pub max_lag: Duration,
+    pub balance: Balance,
+    /// Lower-cased `"app_label"` or `"app_label.modelname"` whose reads stay
+    /// on the writer whatever `mode` says (sessions, auth).
+    pub writer_only: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +169,8 @@ pub struct Node {
     pub engine: Engine,
     pub endpoint: Endpoint,
     pub probe: ProbeKind,
+    pub login: Login,
+    pub tls: Tls,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +214,11 @@ pub struct Config {
     pub timing: Timing,
     pub on_all_down: OnAllDown,
     pub failback: Failback,
+    pub reads: Reads,
 }
+
+/// The most nodes in one group: the read routes are a 64-bit mask.
+pub const MAX_GROUP_SIZE: usize = 64;
 
 /// A setting that cannot be used, with the key and value to quote.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +248,11 @@ const KNOWN_KEYS: &[&str] = &[
     "PROBE",
     "ON_ALL_DOWN",
     "FAILBACK",
+    "PROBE_CREDENTIALS",
+    "READS",
+    "MAX_REPLICA_LAG",
+    "LOAD_BALANCE",
+    "WRITER_READS",
 ];
 
 fn dbha_key(key: &str) -> String {
@@ -201,26 +293,37 @@ impl Config {
                     .map_or(&Value::None, |(_, entry)| entry);
                 let (engine, endpoint) = parse_database(&alias, entry)?;
                 let probe = probe_kinds.get(&alias).unwrap_or(match engine {
-                    Engine::PostgreSql | Engine::MySql => ProbeKind::Handshake,
+                    Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
                     Engine::Other => ProbeKind::Tcp,
                 });
-                if probe == ProbeKind::Handshake && engine == Engine::Other {
+                if probe != ProbeKind::Tcp && engine == Engine::Other {
                     return Err(error(
                         dbha_key("PROBE"),
-                        &Value::str("handshake"),
+                        &Value::str(if probe == ProbeKind::Role { "role" } else { "handshake" }),
                         format!(
                             "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, \
                              so only the 'tcp' probe applies to it"
                         ),
                     ));
                 }
+                let login = dbha.login(&alias, engine, entry)?;
+                let tls = parse_tls(&alias, engine, entry)?;
                 nodes.push(Node {
                     alias,
                     group,
                     engine,
                     endpoint,
                     probe,
+                    login,
+                    tls,
                 });
+            }
+            if nodes.len() - start > MAX_GROUP_SIZE {
+                return Err(error(
+                    dbha_key("GROUPS"),
+                    &Value::str(&name),
+                    format!("a group has at most {MAX_GROUP_SIZE} aliases"),
+                ));
             }
             group_list.push(Group {
                 name,
@@ -243,6 +346,7 @@ impl Config {
                 &[("sticky", Failback::Sticky), ("auto", Failback::Auto)],
                 Failback::Sticky,
             )?,
+            reads: dbha.reads()?,
         })
     }
 
@@ -409,6 +513,117 @@ impl<'a> Settings<'a> {
         Ok(kinds)
     }
 
+    /// The role probe's login: the alias's own `USER`/`PASSWORD`, unless
+    /// `PROBE_CREDENTIALS` names a (least-privileged) monitoring user.
+    fn login(&self, alias: &str, engine: Engine, entry: &Value) -> Result<Login, ConfigError> {
+        let entry_key = format!("DATABASES[\"{alias}\"]");
+        let credentials = match self.get("PROBE_CREDENTIALS") {
+            None | Some(Value::None) => None,
+            Some(Value::Map(per_alias)) => per_alias.iter().find(|(a, _)| a == alias).map(|(_, c)| c),
+            Some(other) => {
+                return Err(error(
+                    dbha_key("PROBE_CREDENTIALS"),
+                    &redacted(other),
+                    "must be a dict of alias to {\"USER\": ..., \"PASSWORD\": ...}",
+                ))
+            }
+        };
+        let credentials_key = format!("{}[\"{alias}\"]", dbha_key("PROBE_CREDENTIALS"));
+        if let Some(credentials) = credentials {
+            let Value::Map(fields) = credentials else {
+                return Err(error(
+                    credentials_key,
+                    &redacted(credentials),
+                    "must be a dict with \"USER\" and \"PASSWORD\"",
+                ));
+            };
+            if let Some((key, value)) = fields.iter().find(|(k, _)| k != "USER" && k != "PASSWORD") {
+                return Err(error(
+                    format!("{credentials_key}[\"{key}\"]"),
+                    &redacted(value),
+                    "unknown key; use \"USER\" and \"PASSWORD\"",
+                ));
+            }
+        }
+        let field = |name: &str| -> Result<Option<String>, ConfigError> {
+            let (key, value) = match credentials.and_then(|c| c.get(name)) {
+                Some(value) => (format!("{credentials_key}[\"{name}\"]"), value),
+                None => (format!("{entry_key}[\"{name}\"]"), entry.get(name).unwrap_or(&Value::None)),
+            };
+            match value {
+                Value::None => Ok(None),
+                Value::Str(s) => Ok(Some(s.clone())),
+                other => Err(error(
+                    key,
+                    &if name == "PASSWORD" { redacted(other) } else { other.clone() },
+                    "must be a string",
+                )),
+            }
+        };
+        let user = field("USER")?
+            .filter(|u| !u.is_empty())
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".to_owned());
+        let password = field("PASSWORD")?.filter(|p| !p.is_empty()).map(Secret::new);
+        let database = match entry.get("NAME") {
+            Some(Value::Str(name)) if !name.is_empty() => name.clone(),
+            _ if engine == Engine::PostgreSql => "postgres".to_owned(),
+            _ => String::new(),
+        };
+        Ok(Login {
+            user,
+            password,
+            database,
+        })
+    }
+
+    fn reads(&self) -> Result<Reads, ConfigError> {
+        let writer_only = match self.get("WRITER_READS") {
+            None => vec!["auth".to_owned(), "sessions".to_owned()],
+            Some(Value::None) => Vec::new(),
+            Some(Value::List(labels)) => labels
+                .iter()
+                .map(|label| match label {
+                    Value::Str(s) if is_model_label(s) => Ok(s.to_lowercase()),
+                    other => Err(error(
+                        dbha_key("WRITER_READS"),
+                        other,
+                        "must list 'app_label' or 'app_label.ModelName' strings",
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(error(
+                    dbha_key("WRITER_READS"),
+                    other,
+                    "must be a list of 'app_label' or 'app_label.ModelName'",
+                ))
+            }
+        };
+        Ok(Reads {
+            mode: self.choice(
+                "READS",
+                &[
+                    ("writer", ReadMode::Writer),
+                    ("replicas", ReadMode::Replicas),
+                    ("any", ReadMode::Any),
+                ],
+                ReadMode::Writer,
+            )?,
+            max_lag: self.seconds("MAX_REPLICA_LAG", Duration::from_secs(5))?,
+            balance: self.choice(
+                "LOAD_BALANCE",
+                &[
+                    ("round_robin", Balance::RoundRobin),
+                    ("random", Balance::Random),
+                    ("latency", Balance::Latency),
+                ],
+                Balance::RoundRobin,
+            )?,
+            writer_only,
+        })
+    }
+
     fn routes(&self, groups: &[Group]) -> Result<HashMap<String, usize>, ConfigError> {
         let key = dbha_key("ROUTES");
         let routes = match self.get("ROUTES") {
@@ -425,10 +640,7 @@ impl<'a> Settings<'a> {
         let mut parsed = HashMap::new();
         for (label, target) in routes {
             let route_key = format!("{key}[\"{label}\"]");
-            let well_formed = !label.is_empty()
-                && label.split('.').count() <= 2
-                && label.split('.').all(|part| !part.is_empty());
-            if !well_formed {
+            if !is_model_label(label) {
                 return Err(error(
                     route_key,
                     &Value::str(label),
@@ -531,6 +743,25 @@ impl<'a> Settings<'a> {
     }
 }
 
+/// `"app_label"` or `"app_label.ModelName"`.
+fn is_model_label(label: &str) -> bool {
+    !label.is_empty() && label.split('.').count() <= 2 && label.split('.').all(|part| !part.is_empty())
+}
+
+/// A value that may hold a password, for quoting in an error message.
+fn redacted(value: &Value) -> Value {
+    match value {
+        Value::Map(fields) => Value::Map(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), if k == "PASSWORD" { Value::str("***") } else { redacted(v) }))
+                .collect(),
+        ),
+        Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Other(_) => Value::str("***"),
+        other => other.clone(),
+    }
+}
+
 fn number(value: &Value) -> Option<f64> {
     match value {
         #[allow(clippy::cast_precision_loss)] // settings numbers are small
@@ -577,6 +808,64 @@ fn engine_of(alias: &str, entry: &Value) -> Result<Option<Engine>, ConfigError> 
     } else {
         Some(Engine::Other)
     })
+}
+
+/// TLS for the role probe, from the alias's `OPTIONS` as its driver reads
+/// them: libpq's `sslmode`/`sslrootcert`, or mysqlclient's
+/// `ssl_mode`/`ssl["ca"]`.
+fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigError> {
+    let options = entry.get("OPTIONS").unwrap_or(&Value::None);
+    let options_key = format!("DATABASES[\"{alias}\"][\"OPTIONS\"]");
+    let (mode_key, modes, root_cert): (&str, &[(&str, SslMode)], Option<&Value>) = match engine {
+        Engine::PostgreSql => (
+            "sslmode",
+            &[
+                ("disable", SslMode::Disable),
+                ("allow", SslMode::Allow),
+                ("prefer", SslMode::Prefer),
+                ("require", SslMode::Require),
+                ("verify-ca", SslMode::VerifyCa),
+                ("verify-full", SslMode::VerifyFull),
+            ],
+            options.get("sslrootcert"),
+        ),
+        Engine::MySql => (
+            "ssl_mode",
+            &[
+                ("DISABLED", SslMode::Disable),
+                ("PREFERRED", SslMode::Prefer),
+                ("REQUIRED", SslMode::Require),
+                ("VERIFY_CA", SslMode::VerifyCa),
+                ("VERIFY_IDENTITY", SslMode::VerifyFull),
+            ],
+            options.get("ssl").and_then(|ssl| ssl.get("ca")),
+        ),
+        Engine::Other => return Ok(Tls { mode: SslMode::Disable, root_cert: None }),
+    };
+    let mode = match options.get(mode_key) {
+        None | Some(Value::None) => SslMode::Prefer,
+        Some(value) => match value {
+            Value::Str(name) => modes.iter().find(|(n, _)| n == name).map(|(_, m)| *m),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            let names: Vec<_> = modes.iter().map(|(n, _)| format!("'{n}'")).collect();
+            error(
+                format!("{options_key}[\"{mode_key}\"]"),
+                value,
+                format!("must be one of {}", names.join(", ")),
+            )
+        })?,
+    };
+    let root_cert = match root_cert {
+        None | Some(Value::None) => None,
+        Some(Value::Str(path)) if !path.is_empty() => Some(PathBuf::from(path)),
+        Some(other) => {
+            let key = if engine == Engine::MySql { "[\"ssl\"][\"ca\"]" } else { "[\"sslrootcert\"]" };
+            return Err(error(format!("{options_key}{key}"), other, "must be a file path"));
+        }
+    };
+    Ok(Tls { mode, root_cert })
 }
 
 fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), ConfigError> {
@@ -724,7 +1013,7 @@ mod tests {
         assert_eq!(c.timing, Timing::default());
         assert_eq!(c.on_all_down, OnAllDown::Last);
         assert_eq!(c.failback, Failback::Sticky);
-        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Handshake));
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Role));
         assert_eq!(
             c.nodes[2].endpoint,
             Endpoint::Tcp {
@@ -780,7 +1069,7 @@ mod tests {
         assert!(c.timing.jitter.abs() < f64::EPSILON);
         assert_eq!(c.on_all_down, OnAllDown::Raise);
         assert_eq!(c.failback, Failback::Auto);
-        assert_eq!(c.nodes[0].probe, ProbeKind::Handshake);
+        assert_eq!(c.nodes[0].probe, ProbeKind::Role);
         assert_eq!(c.nodes[2].probe, ProbeKind::Tcp);
     }
 

@@ -6,6 +6,8 @@
 
 pub mod checker;
 pub mod config;
+pub mod mysql;
+pub mod postgres;
 pub mod probe;
 pub mod select;
 pub mod state;

@@ -1,9 +1,11 @@
 //! Probes: one attempt, bounded by a hard deadline, to learn whether a
-//! database server answers.
+//! database server answers, and (the `role` probe) what it is.
 //!
 //! `tcp` only connects. `handshake` also makes the server itself speak: a
 //! SIGSTOPped or wedged postmaster still completes TCP connects (the kernel
-//! does that), but it never answers an SSLRequest.
+//! does that), but it never answers an SSLRequest. `role` logs in once, keeps
+//! the connection, and asks for role and lag every round (see `postgres` and
+//! `mysql`).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::config::{Endpoint, Engine, Node, ProbeKind};
+use crate::{mysql, postgres};
 
 /// Why a probe failed, short enough for a status line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +32,11 @@ pub enum Failure {
     BadHandshake(String),
     /// The server answered with an error (e.g. too many connections).
     ServerError(String),
+    /// The server refused our credentials (the message is the server's; it
+    /// never contains the password).
+    Auth(String),
+    /// TLS could not be set up or the certificate did not verify.
+    Tls(String),
     /// A bug: the probe panicked. Reported rather than hidden.
     Internal(String),
 }
@@ -43,6 +51,8 @@ impl fmt::Display for Failure {
             Self::Closed => f.write_str("closed by server before answering"),
             Self::BadHandshake(e) => write!(f, "bad handshake: {e}"),
             Self::ServerError(e) => write!(f, "server error: {e}"),
+            Self::Auth(e) => write!(f, "authentication failed: {e}"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
             Self::Internal(e) => write!(f, "internal error: {e}"),
         }
     }
@@ -61,20 +71,119 @@ impl From<io::Error> for Failure {
     }
 }
 
-/// Probes `node` once; every step shares one deadline `timeout` from now.
-/// Only name resolution can overrun it (the C library gives no way to bound
-/// it); the checker bounds that from outside.
-pub fn probe(node: &Node, timeout: Duration) -> Result<(), Failure> {
-    let deadline = Instant::now() + timeout;
-    let mut socket = connect(&node.endpoint, deadline)?;
-    match (node.probe, node.engine) {
-        (ProbeKind::Tcp, _) | (ProbeKind::Handshake, Engine::Other) => Ok(()),
-        (ProbeKind::Handshake, Engine::PostgreSql) => postgres_ssl_request(&mut socket, deadline),
-        (ProbeKind::Handshake, Engine::MySql) => mysql_greeting(&mut socket, deadline),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    /// Read-only: a streaming standby (PostgreSQL in recovery) or a MySQL
+    /// server with `read_only`/`super_read_only` on.
+    Standby,
+}
+
+/// What a successful probe learned. The `tcp` and `handshake` probes learn
+/// nothing but that the server answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observation {
+    pub role: Option<Role>,
+    /// A standby's replication lag; `None` when unknown.
+    pub lag: Option<Duration>,
+    /// PostgreSQL's timeline on a primary: the most recently promoted of two
+    /// primaries has the higher one.
+    pub timeline: Option<u32>,
+}
+
+/// A logged-in connection the `role` probe keeps open and asks again every
+/// round, so that steady-state probing opens no server connection.
+pub trait Session: Send {
+    /// Asks the server its role and lag, all within `deadline`. After an
+    /// error the session is dropped and a new one opened next round.
+    fn observe(&mut self, deadline: Instant) -> Result<Observation, Failure>;
+}
+
+/// Probes one node, round after round, from its probe thread: holds the
+/// `role` probe's connection and backs off after authentication failures.
+pub struct NodeProbe {
+    node: Node,
+    session: Option<Box<dyn Session>>,
+    /// After an authentication failure: when to try again, what to report
+    /// until then, and the current back-off.
+    auth_backoff: Option<(Instant, Failure, Duration)>,
+}
+
+/// Back-off after a refused login: a wrong password must not become a login
+/// attempt per round per process (and lock the account, or fill the log).
+const AUTH_BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+impl NodeProbe {
+    pub fn new(node: Node) -> Self {
+        Self {
+            node,
+            session: None,
+            auth_backoff: None,
+        }
+    }
+
+    /// Probes once; every step shares one deadline `timeout` from now. Only
+    /// name resolution can overrun it (the C library gives no way to bound
+    /// it); the checker bounds that from outside.
+    pub fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
+        let deadline = Instant::now() + timeout;
+        match self.node.probe {
+            ProbeKind::Role => self.observe(deadline),
+            ProbeKind::Tcp | ProbeKind::Handshake => {
+                probe(&self.node, deadline).map(|()| Observation::default())
+            }
+        }
+    }
+
+    fn observe(&mut self, deadline: Instant) -> Result<Observation, Failure> {
+        if let Some((until, failure, _)) = &self.auth_backoff {
+            if Instant::now() < *until {
+                return Err(failure.clone());
+            }
+        }
+        let session = match &mut self.session {
+            Some(session) => session,
+            None => {
+                let opened = match self.node.engine {
+                    Engine::PostgreSql => postgres::connect(&self.node, deadline),
+                    Engine::MySql => mysql::connect(&self.node, deadline),
+                    Engine::Other => Err(Failure::Internal("no role probe for this engine".into())),
+                };
+                match opened {
+                    Ok(session) => {
+                        self.auth_backoff = None;
+                        self.session.insert(session)
+                    }
+                    Err(failure) => {
+                        if matches!(failure, Failure::Auth(_)) {
+                            let backoff = self
+                                .auth_backoff
+                                .as_ref()
+                                .map_or(AUTH_BACKOFF_FIRST, |(_, _, last)| (*last * 2).min(AUTH_BACKOFF_MAX));
+                            self.auth_backoff = Some((Instant::now() + backoff, failure.clone(), backoff));
+                        }
+                        return Err(failure);
+                    }
+                }
+            }
+        };
+        session.observe(deadline).inspect_err(|_| self.session = None)
     }
 }
 
-fn remaining(deadline: Instant) -> Result<Duration, Failure> {
+/// The `tcp` and `handshake` probes: a fresh connection each time.
+pub fn probe(node: &Node, deadline: Instant) -> Result<(), Failure> {
+    let mut socket = connect(&node.endpoint, deadline)?;
+    match (node.probe, node.engine) {
+        (ProbeKind::Handshake, Engine::PostgreSql) => postgres_ssl_request(&mut socket, deadline),
+        (ProbeKind::Handshake, Engine::MySql) => mysql_greeting(&mut socket, deadline),
+        _ => Ok(()),
+    }
+}
+
+/// What is left of `deadline`; a `Timeout` once it has passed.
+pub fn remaining(deadline: Instant) -> Result<Duration, Failure> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|left| !left.is_zero())
@@ -227,6 +336,7 @@ fn parse_mysql_greeting(payload: &[u8]) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Login, SslMode, Tls};
     use std::net::TcpListener;
     use std::os::unix::net::UnixListener;
     use std::thread;
@@ -238,7 +348,20 @@ mod tests {
             engine,
             endpoint,
             probe,
+            login: Login {
+                user: "u".into(),
+                password: None,
+                database: String::new(),
+            },
+            tls: Tls {
+                mode: SslMode::Disable,
+                root_cert: None,
+            },
         }
+    }
+
+    fn probe(node: &Node, timeout: Duration) -> Result<(), Failure> {
+        super::probe(node, Instant::now() + timeout)
     }
 
     fn tcp(port: u16) -> Endpoint {
