@@ -8,7 +8,7 @@
 //! returns, so the schedule never waits on it.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -19,8 +19,8 @@ use log::{error, info, warn};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Config, Node, OnAllDown};
-use crate::probe::{self, Failure};
-use crate::select::choose_writer;
+use crate::probe::{Failure, NodeProbe, Observation};
+use crate::select::{choose_readers, choose_writer, fastest_reader};
 use crate::state::{Health, NodeHealth, ProbeOutcome};
 
 /// How long past the probe deadline the scheduler waits for a probe thread.
@@ -33,17 +33,28 @@ const STOP_POLL: Duration = Duration::from_millis(50);
 /// Pause before restarting a scheduler that panicked.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
-/// How a node is probed; the network prober in production, scripted ones in
-/// tests.
+/// How nodes are probed: over the network in production, scripted in tests.
 pub trait Prober: Send + Sync + 'static {
-    fn probe(&self, node: &Node, timeout: Duration) -> Result<(), Failure>;
+    /// The prober of one node, owned by its probe thread: it may keep a
+    /// connection open from one round to the next.
+    fn for_node(&self, node: &Node) -> Box<dyn NodeProber>;
+}
+
+pub trait NodeProber: Send {
+    fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure>;
 }
 
 pub struct NetworkProber;
 
 impl Prober for NetworkProber {
-    fn probe(&self, node: &Node, timeout: Duration) -> Result<(), Failure> {
-        probe::probe(node, Instant::now() + timeout)
+    fn for_node(&self, node: &Node) -> Box<dyn NodeProber> {
+        Box::new(NodeProbe::new(node.clone()))
+    }
+}
+
+impl NodeProber for NodeProbe {
+    fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
+        NodeProbe::probe(self, timeout)
     }
 }
 
@@ -57,6 +68,12 @@ pub struct Snapshot {
     pub writers: Vec<Option<usize>>,
     /// Per group: the most recent writer, kept while all nodes are down.
     pub last_writers: Vec<Option<usize>>,
+    /// Per node: a primary kept out of writes because another primary of its
+    /// group has them (split brain), until it reports standby.
+    pub fenced: Vec<bool>,
+    /// Per group: the nodes reads may go to, as a mask relative to the
+    /// group's first node (see `select::choose_readers`); 0 = the writer.
+    pub readers: Vec<u64>,
 }
 
 /// Where a group's writes should go.
@@ -92,6 +109,8 @@ impl Snapshot {
             nodes: vec![NodeHealth::default(); config.nodes.len()],
             writers: vec![None; config.groups.len()],
             last_writers: vec![None; config.groups.len()],
+            fenced: vec![false; config.nodes.len()],
+            readers: vec![0; config.groups.len()],
         }
     }
 
@@ -122,6 +141,10 @@ struct Shared {
     snapshot: ArcSwap<Snapshot>,
     /// Per group, the snapshot's [`Route`], packed: what the hot path reads.
     routes: Box<[AtomicUsize]>,
+    /// Per group, the snapshot's reader mask.
+    readers: Box<[AtomicU64]>,
+    /// Per group, the reader with the lowest latency (`usize::MAX`: none).
+    fastest: Box<[AtomicUsize]>,
     control: Mutex<Control>,
     /// Wakes the scheduler: a request or stop.
     wake: Condvar,
@@ -158,11 +181,19 @@ impl Checker {
         let routes = (0..groups)
             .map(|g| AtomicUsize::new(snapshot.route(&config, g).pack()))
             .collect();
+        let readers = snapshot
+            .readers
+            .iter()
+            .map(|&mask| AtomicU64::new(mask))
+            .collect();
+        let fastest = (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect();
         let shared = Arc::new(Shared {
             config,
             prober,
             snapshot: ArcSwap::from_pointee(snapshot),
             routes,
+            readers,
+            fastest,
             control: Mutex::new(Control {
                 requested: vec![None; groups],
                 last_started: vec![None; groups],
@@ -194,6 +225,19 @@ impl Checker {
     #[inline]
     pub fn route(&self, group: usize) -> Route {
         Route::unpack(self.shared.routes[group].load(Ordering::Acquire))
+    }
+
+    /// The nodes `group` may read from, as a mask relative to its first
+    /// node; 0 means "the writer". One atomic load.
+    #[inline]
+    pub fn readers(&self, group: usize) -> u64 {
+        self.shared.readers[group].load(Ordering::Acquire)
+    }
+
+    /// The reader of `group` with the lowest probe latency.
+    #[inline]
+    pub fn fastest_reader(&self, group: usize) -> Option<usize> {
+        Some(self.shared.fastest[group].load(Ordering::Acquire)).filter(|&n| n != usize::MAX)
     }
 
     /// Asks for a round of `group` (or all groups) now; returns the ticket
@@ -436,12 +480,22 @@ impl Scheduler {
         for (g, group) in config.groups.iter().enumerate() {
             if groups[g] {
                 self.select_writer(g, group.members.clone());
+                self.state.readers[g] = choose_readers(
+                    group.members.clone(),
+                    &self.state.nodes,
+                    self.state.writers[g],
+                    &config.reads,
+                );
             }
         }
         self.state.rounds += 1;
         self.shared.snapshot.store(Arc::new(self.state.clone()));
-        for (g, route) in self.shared.routes.iter().enumerate() {
-            route.store(self.state.route(&config, g).pack(), Ordering::Release);
+        for (g, group) in config.groups.iter().enumerate() {
+            let readers = self.state.readers[g];
+            let fastest = fastest_reader(group.members.clone(), &self.state.nodes, readers);
+            self.shared.routes[g].store(self.state.route(&config, g).pack(), Ordering::Release);
+            self.shared.readers[g].store(readers, Ordering::Release);
+            self.shared.fastest[g].store(fastest.unwrap_or(usize::MAX), Ordering::Release);
         }
 
         let mut control = self.shared.control.lock();
@@ -452,7 +506,29 @@ impl Scheduler {
     fn select_writer(&mut self, group: usize, members: std::ops::Range<usize>) {
         let config = &self.shared.config;
         let before = self.state.writers[group];
-        let after = choose_writer(members, &self.state.nodes, before, config.failback);
+        let fenced_before = self.state.fenced.clone();
+        let after = choose_writer(
+            members.clone(),
+            &self.state.nodes,
+            &mut self.state.fenced,
+            before,
+            config.failback,
+        );
+        for i in members {
+            let alias = &config.nodes[i].alias;
+            match (fenced_before[i], self.state.fenced[i]) {
+                (false, true) => error!(
+                    "group '{}': split brain: {alias} reports primary while {} takes the \
+                     writes; writes stay on {}, and {alias} gets none until it is \
+                     rewound or rejoined as a standby",
+                    config.groups[group].name,
+                    after.map_or("?", |w| config.nodes[w].alias.as_str()),
+                    after.map_or("?", |w| config.nodes[w].alias.as_str()),
+                ),
+                (true, false) => info!("{alias} reports standby: no longer fenced"),
+                _ => {}
+            }
+        }
         // The first round reports even "no writer", so a process that starts
         // with every database down says so.
         if after == before && (after.is_some() || self.state.rounds > 0) {
@@ -533,18 +609,19 @@ impl Scheduler {
             .spawn(move || {
                 let node = &shared.config.nodes[index];
                 let timeout = shared.config.timing.connect_timeout;
+                let mut prober = shared.prober.for_node(node);
                 // Ends when the scheduler drops its sender.
                 while let Ok(round) = inbox.recv() {
                     let started = Instant::now();
-                    let result = panic::catch_unwind(AssertUnwindSafe(|| {
-                        shared.prober.probe(node, timeout)
-                    }))
-                    .unwrap_or_else(|panic| {
-                        Err(Failure::Internal(format!(
-                            "probe panicked: {}",
-                            panic_message(&*panic)
-                        )))
-                    });
+                    let result = panic::catch_unwind(AssertUnwindSafe(|| prober.probe(timeout)))
+                        .unwrap_or_else(|panic| {
+                            // Whatever it held (a connection) is suspect now.
+                            prober = shared.prober.for_node(node);
+                            Err(Failure::Internal(format!(
+                                "probe panicked: {}",
+                                panic_message(&*panic)
+                            )))
+                        });
                     let outcome = ProbeOutcome {
                         result,
                         latency: started.elapsed(),
@@ -586,6 +663,7 @@ fn log_change(node: &Node, health: &NodeHealth, change: Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probe::Role;
     use crate::value::Value;
     use parking_lot::RwLock;
     use std::collections::HashMap;
@@ -601,6 +679,8 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Answer {
         Up,
+        Primary,
+        Standby(u64),
         Refused,
         Hang,
         Panic,
@@ -612,17 +692,39 @@ mod tests {
         }
     }
 
-    impl Prober for Script {
-        fn probe(&self, node: &Node, timeout: Duration) -> Result<(), Failure> {
-            self.probes.fetch_add(1, Ordering::SeqCst);
+    struct Scripted {
+        alias: String,
+        script: Arc<Script>,
+    }
+
+    impl Prober for Arc<Script> {
+        fn for_node(&self, node: &Node) -> Box<dyn NodeProber> {
+            Box::new(Scripted {
+                alias: node.alias.clone(),
+                script: Arc::clone(self),
+            })
+        }
+    }
+
+    impl NodeProber for Scripted {
+        fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
+            self.script.probes.fetch_add(1, Ordering::SeqCst);
             let answer = self
+                .script
                 .answers
                 .read()
-                .get(&node.alias)
+                .get(&self.alias)
                 .copied()
                 .unwrap_or(Answer::Up);
+            let role = |role, lag| Observation {
+                role: Some(role),
+                lag,
+                timeline: None,
+            };
             match answer {
-                Answer::Up => Ok(()),
+                Answer::Up => Ok(Observation::default()),
+                Answer::Primary => Ok(role(Role::Primary, None)),
+                Answer::Standby(lag) => Ok(role(Role::Standby, Some(Duration::from_secs(lag)))),
                 Answer::Refused => Err(Failure::Refused),
                 Answer::Hang => {
                     thread::sleep(timeout);
@@ -671,7 +773,7 @@ mod tests {
     }
 
     fn start(aliases: &[&str], dbha: &[(&str, Value)], script: &Arc<Script>) -> Checker {
-        let prober: Arc<dyn Prober> = Arc::clone(script) as Arc<dyn Prober>;
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(script));
         let checker = Checker::start(config(aliases, dbha), prober, None).unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(5)));
         checker
@@ -753,13 +855,19 @@ mod tests {
     #[test]
     fn a_stuck_probe_does_not_stall_the_schedule() {
         struct Stuck;
+        struct StuckNode(bool);
         impl Prober for Stuck {
-            fn probe(&self, node: &Node, _: Duration) -> Result<(), Failure> {
-                if node.alias == "a" {
+            fn for_node(&self, node: &Node) -> Box<dyn NodeProber> {
+                Box::new(StuckNode(node.alias == "a"))
+            }
+        }
+        impl NodeProber for StuckNode {
+            fn probe(&mut self, _: Duration) -> Result<Observation, Failure> {
+                if self.0 {
                     // Like getaddrinfo() on a dead resolver: ignores the deadline.
                     thread::sleep(Duration::from_secs(2));
                 }
-                Ok(())
+                Ok(Observation::default())
             }
         }
         let checker = Checker::start(config(&["a", "b"], &[]), Arc::new(Stuck), None).unwrap();
@@ -865,7 +973,7 @@ mod tests {
             ("FALL".into(), Value::Int(1)),
         ]);
         let config = Arc::new(Config::from_settings(&databases, &dbha).unwrap());
-        let prober: Arc<dyn Prober> = Arc::clone(&script) as Arc<dyn Prober>;
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
         let checker = Checker::start(config, prober, None).unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(5)));
         script.set("a", Answer::Refused);
@@ -886,7 +994,7 @@ mod tests {
         seed.writers[0] = Some(2);
         seed.last_writers[0] = Some(2);
         seed.nodes[2].health = Health::Up;
-        let prober: Arc<dyn Prober> = Arc::clone(&script) as Arc<dyn Prober>;
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
         let checker = Checker::start(config, prober, Some(&seed)).unwrap();
         assert_eq!(checker.snapshot().rounds, 0);
         assert_eq!(
@@ -896,6 +1004,69 @@ mod tests {
         );
         assert!(checker.wait_for_round(1, Duration::from_secs(5)));
         assert_eq!(writer(&checker), Route::Healthy(2));
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_promotion_is_followed_without_waiting_for_fall() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        script.set("c", Answer::Standby(0));
+        let checker = start(&ABC, &[("FALL", Value::Int(5))], &script);
+        assert_eq!(writer(&checker), Route::Healthy(0));
+        script.set("a", Answer::Refused);
+        script.set("c", Answer::Primary);
+        // One failed probe of the writer, not five, once another node is primary.
+        assert_eq!(settle(&checker), Route::Healthy(2));
+        assert!(checker.snapshot().nodes[0].is_up(), "FALL not reached yet");
+        checker.stop(true);
+    }
+
+    #[test]
+    fn split_brain_is_fenced_and_published() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Refused);
+        script.set("b", Answer::Primary);
+        script.set("c", Answer::Standby(0));
+        let checker = start(&ABC, &[], &script);
+        assert_eq!(writer(&checker), Route::Healthy(1));
+        script.set("a", Answer::Primary); // back un-rewound
+        for _ in 0..3 {
+            assert_eq!(settle(&checker), Route::Healthy(1));
+        }
+        assert_eq!(checker.snapshot().fenced, [true, false, false]);
+        script.set("a", Answer::Standby(0)); // rejoined
+        settle(&checker);
+        assert_eq!(checker.snapshot().fenced, [false; 3]);
+        checker.stop(true);
+    }
+
+    #[test]
+    fn readers_exclude_lagging_standbys() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        script.set("c", Answer::Standby(60));
+        let dbha = [
+            ("READS", Value::str("replicas")),
+            ("MAX_REPLICA_LAG", Value::Int(10)),
+        ];
+        let checker = start(&ABC, &dbha, &script);
+        assert_eq!(checker.readers(0), 0b010);
+        assert_eq!(checker.fastest_reader(0), Some(1));
+        script.set("c", Answer::Standby(1));
+        settle(&checker);
+        assert_eq!(checker.readers(0), 0b110);
+        script.set("b", Answer::Refused);
+        script.set("c", Answer::Refused);
+        settle(&checker);
+        assert_eq!(
+            checker.readers(0),
+            0,
+            "no fresh standby: read from the writer"
+        );
+        assert_eq!(checker.fastest_reader(0), None);
         checker.stop(true);
     }
 
@@ -913,7 +1084,7 @@ mod tests {
         let script = Arc::new(Script::default());
         script.set("a", Answer::Hang);
         let dbha = [("CONNECT_TIMEOUT", Value::Int(5))];
-        let prober: Arc<dyn Prober> = Arc::clone(&script) as Arc<dyn Prober>;
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
         let checker = Checker::start(config(&ABC, &dbha), prober, None).unwrap();
         thread::sleep(Duration::from_millis(100));
         let started = Instant::now();

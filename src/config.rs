@@ -98,7 +98,7 @@ pub struct Login {
 }
 
 /// TLS use, with libpq's `sslmode` meanings (MySQL's `ssl_mode` maps onto
-/// them: DISABLED, PREFERRED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY).
+/// them: `DISABLED`, `PREFERRED`, `REQUIRED`, `VERIFY_CA`, `VERIFY_IDENTITY`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
     Disable,
@@ -293,13 +293,17 @@ impl Config {
                     .map_or(&Value::None, |(_, entry)| entry);
                 let (engine, endpoint) = parse_database(&alias, entry)?;
                 let probe = probe_kinds.get(&alias).unwrap_or(match engine {
-                    Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
+                    Engine::PostgreSql | Engine::MySql => ProbeKind::Handshake,
                     Engine::Other => ProbeKind::Tcp,
                 });
                 if probe != ProbeKind::Tcp && engine == Engine::Other {
                     return Err(error(
                         dbha_key("PROBE"),
-                        &Value::str(if probe == ProbeKind::Role { "role" } else { "handshake" }),
+                        &Value::str(if probe == ProbeKind::Role {
+                            "role"
+                        } else {
+                            "handshake"
+                        }),
                         format!(
                             "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, \
                              so only the 'tcp' probe applies to it"
@@ -519,7 +523,9 @@ impl<'a> Settings<'a> {
         let entry_key = format!("DATABASES[\"{alias}\"]");
         let credentials = match self.get("PROBE_CREDENTIALS") {
             None | Some(Value::None) => None,
-            Some(Value::Map(per_alias)) => per_alias.iter().find(|(a, _)| a == alias).map(|(_, c)| c),
+            Some(Value::Map(per_alias)) => {
+                per_alias.iter().find(|(a, _)| a == alias).map(|(_, c)| c)
+            }
             Some(other) => {
                 return Err(error(
                     dbha_key("PROBE_CREDENTIALS"),
@@ -537,7 +543,8 @@ impl<'a> Settings<'a> {
                     "must be a dict with \"USER\" and \"PASSWORD\"",
                 ));
             };
-            if let Some((key, value)) = fields.iter().find(|(k, _)| k != "USER" && k != "PASSWORD") {
+            if let Some((key, value)) = fields.iter().find(|(k, _)| k != "USER" && k != "PASSWORD")
+            {
                 return Err(error(
                     format!("{credentials_key}[\"{key}\"]"),
                     &redacted(value),
@@ -548,14 +555,21 @@ impl<'a> Settings<'a> {
         let field = |name: &str| -> Result<Option<String>, ConfigError> {
             let (key, value) = match credentials.and_then(|c| c.get(name)) {
                 Some(value) => (format!("{credentials_key}[\"{name}\"]"), value),
-                None => (format!("{entry_key}[\"{name}\"]"), entry.get(name).unwrap_or(&Value::None)),
+                None => (
+                    format!("{entry_key}[\"{name}\"]"),
+                    entry.get(name).unwrap_or(&Value::None),
+                ),
             };
             match value {
                 Value::None => Ok(None),
                 Value::Str(s) => Ok(Some(s.clone())),
                 other => Err(error(
                     key,
-                    &if name == "PASSWORD" { redacted(other) } else { other.clone() },
+                    &if name == "PASSWORD" {
+                        redacted(other)
+                    } else {
+                        other.clone()
+                    },
                     "must be a string",
                 )),
             }
@@ -564,7 +578,9 @@ impl<'a> Settings<'a> {
             .filter(|u| !u.is_empty())
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".to_owned());
-        let password = field("PASSWORD")?.filter(|p| !p.is_empty()).map(Secret::new);
+        let password = field("PASSWORD")?
+            .filter(|p| !p.is_empty())
+            .map(Secret::new);
         let database = match entry.get("NAME") {
             Some(Value::Str(name)) if !name.is_empty() => name.clone(),
             _ if engine == Engine::PostgreSql => "postgres".to_owned(),
@@ -745,7 +761,9 @@ impl<'a> Settings<'a> {
 
 /// `"app_label"` or `"app_label.ModelName"`.
 fn is_model_label(label: &str) -> bool {
-    !label.is_empty() && label.split('.').count() <= 2 && label.split('.').all(|part| !part.is_empty())
+    !label.is_empty()
+        && label.split('.').count() <= 2
+        && label.split('.').all(|part| !part.is_empty())
 }
 
 /// A value that may hold a password, for quoting in an error message.
@@ -754,7 +772,16 @@ fn redacted(value: &Value) -> Value {
         Value::Map(fields) => Value::Map(
             fields
                 .iter()
-                .map(|(k, v)| (k.clone(), if k == "PASSWORD" { Value::str("***") } else { redacted(v) }))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        if k == "PASSWORD" {
+                            Value::str("***")
+                        } else {
+                            redacted(v)
+                        },
+                    )
+                })
                 .collect(),
         ),
         Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Other(_) => Value::str("***"),
@@ -840,7 +867,12 @@ fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigEr
             ],
             options.get("ssl").and_then(|ssl| ssl.get("ca")),
         ),
-        Engine::Other => return Ok(Tls { mode: SslMode::Disable, root_cert: None }),
+        Engine::Other => {
+            return Ok(Tls {
+                mode: SslMode::Disable,
+                root_cert: None,
+            })
+        }
     };
     let mode = match options.get(mode_key) {
         None | Some(Value::None) => SslMode::Prefer,
@@ -861,8 +893,16 @@ fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigEr
         None | Some(Value::None) => None,
         Some(Value::Str(path)) if !path.is_empty() => Some(PathBuf::from(path)),
         Some(other) => {
-            let key = if engine == Engine::MySql { "[\"ssl\"][\"ca\"]" } else { "[\"sslrootcert\"]" };
-            return Err(error(format!("{options_key}{key}"), other, "must be a file path"));
+            let key = if engine == Engine::MySql {
+                "[\"ssl\"][\"ca\"]"
+            } else {
+                "[\"sslrootcert\"]"
+            };
+            return Err(error(
+                format!("{options_key}{key}"),
+                other,
+                "must be a file path",
+            ));
         }
     };
     Ok(Tls { mode, root_cert })
@@ -1013,7 +1053,7 @@ mod tests {
         assert_eq!(c.timing, Timing::default());
         assert_eq!(c.on_all_down, OnAllDown::Last);
         assert_eq!(c.failback, Failback::Sticky);
-        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Role));
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Handshake));
         assert_eq!(
             c.nodes[2].endpoint,
             Endpoint::Tcp {
@@ -1069,7 +1109,7 @@ mod tests {
         assert!(c.timing.jitter.abs() < f64::EPSILON);
         assert_eq!(c.on_all_down, OnAllDown::Raise);
         assert_eq!(c.failback, Failback::Auto);
-        assert_eq!(c.nodes[0].probe, ProbeKind::Role);
+        assert_eq!(c.nodes[0].probe, ProbeKind::Handshake);
         assert_eq!(c.nodes[2].probe, ProbeKind::Tcp);
     }
 

@@ -36,6 +36,16 @@ fn available_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
     })
 }
 
+/// The alias to read from in `group` (default: the first group): a fresh
+/// standby when `READS` allows, else the writer.
+#[pyfunction]
+#[pyo3(signature = (group=None))]
+fn read_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
+    with_runtime(py, |runtime| {
+        runtime.reader(py, runtime.group_index(group)?)
+    })
+}
+
 /// Status rows for every alias (of `group`).
 #[pyfunction]
 #[pyo3(signature = (group=None))]
@@ -111,6 +121,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<py_router::ModelDatabaseRouter>()?;
     m.add_function(wrap_pyfunction!(available_db, m)?)?;
+    m.add_function(wrap_pyfunction!(read_db, m)?)?;
     m.add_function(wrap_pyfunction!(status, m)?)?;
     m.add_function(wrap_pyfunction!(check_now, m)?)?;
     m.add_function(wrap_pyfunction!(report_failure, m)?)?;

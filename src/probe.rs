@@ -160,15 +160,20 @@ impl NodeProbe {
                             let backoff = self
                                 .auth_backoff
                                 .as_ref()
-                                .map_or(AUTH_BACKOFF_FIRST, |(_, _, last)| (*last * 2).min(AUTH_BACKOFF_MAX));
-                            self.auth_backoff = Some((Instant::now() + backoff, failure.clone(), backoff));
+                                .map_or(AUTH_BACKOFF_FIRST, |(_, _, last)| {
+                                    (*last * 2).min(AUTH_BACKOFF_MAX)
+                                });
+                            self.auth_backoff =
+                                Some((Instant::now() + backoff, failure.clone(), backoff));
                         }
                         return Err(failure);
                     }
                 }
             }
         };
-        session.observe(deadline).inspect_err(|_| self.session = None)
+        session
+            .observe(deadline)
+            .inspect_err(|_| self.session = None)
     }
 }
 

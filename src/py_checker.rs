@@ -2,7 +2,7 @@
 //! settings on first use, restarted in the child after a fork, and read
 //! lock-free on the hot path.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -14,7 +14,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
-use crate::config::{Config, ConfigError, OnAllDown};
+use crate::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
+use crate::probe::Role;
 use crate::py_log;
 use crate::py_value::to_value;
 
@@ -48,10 +49,32 @@ pub struct Runtime {
     /// Per node, the alias as an interned Python string: the hot path
     /// returns a new reference, never a new string.
     aliases: Vec<Py<PyString>>,
-    /// Model class to group index, when `ROUTES` makes it vary.
-    model_groups: Option<Py<PyDict>>,
+    /// Model class to its [`ModelRoute`] (packed), when settings make it vary.
+    model_routes: Option<Py<PyDict>>,
+    /// What pins reads to the writer, when reads may go elsewhere.
+    pins: Option<ReadPins>,
     /// Set once the first probe round is in (or its wait timed out).
     informed: AtomicBool,
+}
+
+/// Where a model's queries go.
+#[derive(Clone, Copy)]
+pub struct ModelRoute {
+    pub group: usize,
+    /// `WRITER_READS`: its reads stay on the writer (sessions, auth).
+    pub writer_reads: bool,
+}
+
+/// What keeps reads on the writer: `dbha.use_writer()` (a `ContextVar`)
+/// and an open `transaction.atomic()` on the writer's connection.
+struct ReadPins {
+    use_writer: Py<PyAny>,
+    connections: Py<PyAny>,
+}
+
+thread_local! {
+    /// Round-robin position; per thread, so readers share no counter.
+    static NEXT_READER: Cell<u32> = const { Cell::new(0) };
 }
 
 impl Runtime {
@@ -79,26 +102,85 @@ impl Runtime {
         self.config().node_index(alias)
     }
 
-    /// The group a model's queries go to, from `ROUTES`.
-    pub fn model_group(&self, py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let Some(cache) = &self.model_groups else {
-            return Ok(0);
+    /// The group a model's queries go to (`ROUTES`) and whether its reads
+    /// stay on the writer (`WRITER_READS`); cached per model class.
+    pub fn model_route(&self, py: Python<'_>, model: &Bound<'_, PyAny>) -> PyResult<ModelRoute> {
+        let Some(cache) = &self.model_routes else {
+            return Ok(ModelRoute {
+                group: 0,
+                writer_reads: false,
+            });
         };
         let cache = cache.bind(py);
-        if let Some(group) = cache.get_item(model)? {
-            return group.extract();
+        let packed: usize = match cache.get_item(model)? {
+            Some(packed) => packed.extract()?,
+            None => {
+                let meta = model.getattr(pyo3::intern!(py, "_meta"))?;
+                let label: String = meta.getattr(pyo3::intern!(py, "label_lower"))?.extract()?;
+                let app_label: String = meta.getattr(pyo3::intern!(py, "app_label"))?.extract()?;
+                let app_label = app_label.to_lowercase();
+                let config = self.config();
+                let group = config
+                    .routes
+                    .get(&label)
+                    .or_else(|| config.routes.get(&app_label))
+                    .copied()
+                    .unwrap_or(0);
+                let writer_reads = config
+                    .reads
+                    .writer_only
+                    .iter()
+                    .any(|l| *l == label || *l == app_label);
+                let packed = group << 1 | usize::from(writer_reads);
+                cache.set_item(model, packed)?;
+                packed
+            }
+        };
+        Ok(ModelRoute {
+            group: packed >> 1,
+            writer_reads: packed & 1 == 1,
+        })
+    }
+
+    /// The alias to read from in `group`: a fresh standby (`READS`,
+    /// `LOAD_BALANCE`), or the writer when none qualifies or reads are
+    /// pinned to it.
+    pub fn reader(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
+        let readers = self.checker.readers(group);
+        if readers == 0 || self.reads_pinned(py, group)? {
+            return self.writer(py, group);
         }
-        let meta = model.getattr(pyo3::intern!(py, "_meta"))?;
-        let label: String = meta.getattr(pyo3::intern!(py, "label_lower"))?.extract()?;
-        let app_label: String = meta.getattr(pyo3::intern!(py, "app_label"))?.extract()?;
-        let routes = &self.config().routes;
-        let group = routes
-            .get(&label)
-            .or_else(|| routes.get(&app_label.to_lowercase()))
-            .copied()
-            .unwrap_or(0);
-        cache.set_item(model, group)?;
-        Ok(group)
+        let first = self.config().groups[group].members.start;
+        let count = readers.count_ones();
+        let node = match self.config().reads.balance {
+            Balance::Latency => self.checker.fastest_reader(group),
+            Balance::RoundRobin => Some(first + nth_set_bit(readers, NEXT_READER.get() % count)),
+            Balance::Random => Some(first + nth_set_bit(readers, fastrand::u32(..count))),
+        }
+        .unwrap_or(first + readers.trailing_zeros() as usize);
+        NEXT_READER.set(NEXT_READER.get().wrapping_add(1));
+        Ok(self.aliases[node].clone_ref(py))
+    }
+
+    fn reads_pinned(&self, py: Python<'_>, group: usize) -> PyResult<bool> {
+        let Some(pins) = &self.pins else {
+            return Ok(false);
+        };
+        if pins
+            .use_writer
+            .call_method0(py, pyo3::intern!(py, "get"))?
+            .is_truthy(py)?
+        {
+            return Ok(true);
+        }
+        let (Route::Healthy(writer) | Route::AllDown(writer)) = self.checker.route(group);
+        let connection = pins
+            .connections
+            .bind(py)
+            .get_item(self.aliases[writer].bind(py))?;
+        connection
+            .getattr(pyo3::intern!(py, "in_atomic_block"))?
+            .is_truthy()
     }
 
     /// The alias to write to in `group`.
@@ -158,6 +240,14 @@ pub fn with_runtime<R>(py: Python<'_>, f: impl FnOnce(&Runtime) -> PyResult<R>) 
     })
 }
 
+/// The position of the `n`th set bit of `mask` (`n` < its count of ones).
+fn nth_set_bit(mut mask: u64, n: u32) -> usize {
+    for _ in 0..n {
+        mask &= mask - 1;
+    }
+    mask.trailing_zeros() as usize
+}
+
 /// The current runtime, informed by its first round: started if there is
 /// none, or none of this process's own (after a fork).
 #[cold]
@@ -201,8 +291,18 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         .iter()
         .map(|n| PyString::intern(py, &n.alias).unbind())
         .collect();
-    let model_groups =
-        (config.groups.len() > 1 && !config.routes.is_empty()).then(|| PyDict::new(py).unbind());
+    let replica_reads = config.reads.mode != ReadMode::Writer;
+    let model_routes = ((config.groups.len() > 1 && !config.routes.is_empty())
+        || (replica_reads && !config.reads.writer_only.is_empty()))
+    .then(|| PyDict::new(py).unbind());
+    let pins = if replica_reads {
+        Some(ReadPins {
+            use_writer: py.import("dbha.routing")?.getattr("USE_WRITER")?.unbind(),
+            connections: py.import("django.db")?.getattr("connections")?.unbind(),
+        })
+    } else {
+        None
+    };
     if !py_log::running() {
         py_log::start();
     }
@@ -213,7 +313,8 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         generation,
         checker,
         aliases,
-        model_groups,
+        model_routes,
+        pins,
         informed: AtomicBool::new(seed.is_some()),
     })
 }
@@ -306,17 +407,21 @@ pub fn install_fork_handler() {
     });
 }
 
-/// One status row: (alias, group, state, latency s, last error, checked at
-/// (epoch s), consecutive successes, consecutive failures, is writer).
+/// One status row: alias, group, state, role, latency (s), replication lag
+/// (s), last error, checked at (epoch s), consecutive successes and
+/// failures, is writer, split brain (a primary fenced off from writes).
 pub type StatusRow = (
     String,
     String,
     &'static str,
+    &'static str,
+    Option<f64>,
     Option<f64>,
     Option<String>,
     Option<f64>,
     u32,
     u32,
+    bool,
     bool,
 );
 
@@ -334,7 +439,13 @@ pub fn status_rows(runtime: &Runtime, group: Option<usize>) -> Vec<StatusRow> {
                 node.alias.clone(),
                 config.groups[node.group].name.clone(),
                 health.health.as_str(),
+                match health.role {
+                    Some(Role::Primary) => "primary",
+                    Some(Role::Standby) => "standby",
+                    None => "unknown",
+                },
                 health.latency.map(|l| l.as_secs_f64()),
+                health.lag.map(|l| l.as_secs_f64()),
                 health.last_error.as_ref().map(ToString::to_string),
                 health
                     .checked_at
@@ -343,6 +454,7 @@ pub fn status_rows(runtime: &Runtime, group: Option<usize>) -> Vec<StatusRow> {
                 health.successes,
                 health.failures,
                 snapshot.writers[node.group] == Some(i),
+                snapshot.fenced[i],
             )
         })
         .collect()

@@ -30,11 +30,13 @@ impl ModelDatabaseRouter {
     ) -> PyResult<Py<PyString>> {
         let _ = hints;
         with_runtime(py, |runtime| {
-            runtime.writer(py, runtime.model_group(py, model)?)
+            runtime.writer(py, runtime.model_route(py, model)?.group)
         })
     }
 
-    /// Reads follow writes: a replica may lag behind what was just written.
+    /// Reads follow writes unless `READS` sends them to fresh standbys; even
+    /// then `WRITER_READS` models, `dbha.use_writer()` blocks and open
+    /// transactions on the writer read from the writer.
     #[pyo3(signature = (model, **hints))]
     fn db_for_read(
         &self,
@@ -42,7 +44,15 @@ impl ModelDatabaseRouter {
         model: &Bound<'_, PyAny>,
         hints: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyString>> {
-        self.db_for_write(py, model, hints)
+        let _ = hints;
+        with_runtime(py, |runtime| {
+            let route = runtime.model_route(py, model)?;
+            if route.writer_reads {
+                runtime.writer(py, route.group)
+            } else {
+                runtime.reader(py, route.group)
+            }
+        })
     }
 
     /// Objects relate within a group, not across groups; no opinion about

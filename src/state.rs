@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::probe::Failure;
+use crate::probe::{Failure, Observation, Role};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -25,7 +25,7 @@ impl Health {
 /// What one probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProbeOutcome {
-    pub result: Result<(), Failure>,
+    pub result: Result<Observation, Failure>,
     pub latency: Duration,
 }
 
@@ -41,6 +41,11 @@ pub struct NodeHealth {
     /// Why the last probe failed; `None` when it succeeded.
     pub last_error: Option<Failure>,
     pub checked_at: Option<SystemTime>,
+    /// Role, lag and timeline from the last successful probe (all `None`
+    /// unless the node uses the `role` probe).
+    pub role: Option<Role>,
+    pub lag: Option<Duration>,
+    pub timeline: Option<u32>,
 }
 
 impl Default for NodeHealth {
@@ -52,6 +57,9 @@ impl Default for NodeHealth {
             latency: None,
             last_error: None,
             checked_at: None,
+            role: None,
+            lag: None,
+            timeline: None,
         }
     }
 }
@@ -74,7 +82,10 @@ impl NodeHealth {
         self.checked_at = Some(at);
         let before = self.health;
         match outcome.result {
-            Ok(()) => {
+            Ok(observation) => {
+                self.role = observation.role;
+                self.lag = observation.lag;
+                self.timeline = observation.timeline;
                 self.successes = self.successes.saturating_add(1);
                 self.failures = 0;
                 self.last_error = None;
@@ -97,6 +108,16 @@ impl NodeHealth {
     pub fn is_up(&self) -> bool {
         self.health == Health::Up
     }
+
+    /// Up, and its last probe said primary.
+    pub fn is_primary(&self) -> bool {
+        self.is_up() && self.role == Some(Role::Primary)
+    }
+
+    /// Up, but its latest probe failed: on its way down, perhaps.
+    pub fn is_suspect(&self) -> bool {
+        self.is_up() && self.failures > 0
+    }
 }
 
 #[cfg(test)]
@@ -105,7 +126,7 @@ mod tests {
 
     fn ok() -> ProbeOutcome {
         ProbeOutcome {
-            result: Ok(()),
+            result: Ok(Observation::default()),
             latency: Duration::from_millis(1),
         }
     }
@@ -162,7 +183,7 @@ mod tests {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
         node.record(
             ProbeOutcome {
-                result: Ok(()),
+                result: Ok(Observation::default()),
                 latency: Duration::from_millis(3),
             },
             1,

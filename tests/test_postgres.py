@@ -264,12 +264,15 @@ def test_status_records_convert_to_dicts_without_secrets(cluster: Cluster) -> No
         "alias",
         "group",
         "state",
+        "role",
         "latency",
+        "lag",
         "last_error",
         "checked_at",
         "successes",
         "failures",
         "is_writer",
+        "split_brain",
     }
     assert "s3cret-password" not in repr(records)
 

@@ -13,9 +13,11 @@ from dbha._core import (
     __version__,
     available_db,
     close,
+    read_db,
     report_failure,
 )
 from dbha.exceptions import NoHealthyDatabase
+from dbha.routing import use_writer
 from dbha.status import NodeStatus, check_now, status
 
 # Stop the threads before the interpreter finalises: the log thread must not
@@ -30,6 +32,8 @@ __all__ = [
     "available_db",
     "check_now",
     "close",
+    "read_db",
     "report_failure",
     "status",
+    "use_writer",
 ]

@@ -8,6 +8,7 @@ __all__ = [
     "available_db",
     "check_now",
     "close",
+    "read_db",
     "report_failure",
     "reset",
     "status",
@@ -27,9 +28,12 @@ class ModelDatabaseRouter:
         self, db: str, app_label: str, model_name: str | None = None, **hints: Any
     ) -> bool | None: ...
 
-_StatusRow = tuple[str, str, str, float | None, str | None, float | None, int, int, bool]
+_StatusRow = tuple[
+    str, str, str, str, float | None, float | None, str | None, float | None, int, int, bool, bool
+]
 
 def available_db(group: str | None = None) -> str: ...
+def read_db(group: str | None = None) -> str: ...
 def status(group: str | None = None) -> list[_StatusRow]: ...
 def check_now(group: str | None = None) -> bool: ...
 def report_failure(alias: str) -> None: ...

@@ -18,8 +18,13 @@ class NodeStatus:
     group: str
     #: "unknown" (not probed yet), "up" or "down".
     state: str
+    #: "primary", "standby" or "unknown" (not probed with `role`, or never
+    #: reached); the last role seen, kept while the node is down.
+    role: str
     #: Duration of the last probe in seconds.
     latency: float | None
+    #: A standby's replication lag in seconds (None: unknown).
+    lag: float | None
     #: Why the last probe failed (None if it succeeded): "connection
     #: refused", "timeout", "DNS failure: ...", "bad handshake: ...", ...
     last_error: str | None
@@ -29,6 +34,9 @@ class NodeStatus:
     failures: int
     #: Whether writes of the group go here now.
     is_writer: bool
+    #: A primary kept out of writes because another primary of its group
+    #: takes them (split brain), until it reports standby.
+    split_brain: bool
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -41,23 +49,29 @@ def status(group: str | None = None) -> list[NodeStatus]:
             alias,
             group_name,
             state,
+            role,
             latency,
+            lag,
             last_error,
             None if checked_at is None else datetime.fromtimestamp(checked_at, timezone.utc),
             successes,
             failures,
             is_writer,
+            split_brain,
         )
         for (
             alias,
             group_name,
             state,
+            role,
             latency,
+            lag,
             last_error,
             checked_at,
             successes,
             failures,
             is_writer,
+            split_brain,
         ) in _core.status(group)
     ]
 
