@@ -1,9 +1,10 @@
 """Failover benchmark on a real PostgreSQL primary and two streaming
 standbys: ORM writes and reads from several threads (CONN_MAX_AGE=0), the
-primary killed (kill -9) or hung (SIGSTOP), failover1 promoted a little
-later; prints how long writes took to resume and what latency did.
+primary killed (kill -9) or hung (SIGSTOP), `failover2` promoted 2 s later;
+then an old primary that rejoins, one that comes back stale (split brain),
+and a count of the connections steady-state probing opens.
 
-    python benches/failover.py [--scenario kill|hang|all] [--threads 2]
+    python benches/failover.py [--threads 2] [--steady 4]
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import argparse
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ class Operation:
     kind: str  # "write" or "read"
     started: float
     ended: float
+    alias: str  # where it went (writes: the alias that acknowledged it)
     ok: bool
 
     @property
@@ -38,13 +42,55 @@ class Operation:
 
 
 @dataclass
-class Result:
-    scenario: str
-    resume: float | None  # first successful write after the promotion completed
-    failed: int
-    total: int
-    before: list[float]
-    after: list[float]
+class Load:
+    """Threads doing a write then a read, each on a fresh connection (as a
+    request with CONN_MAX_AGE=0 would)."""
+
+    model: Any
+    threads: int
+    report_failures: bool
+    operations: list[Operation] = field(default_factory=list)
+
+    def _one(self, kind: str, action: Callable[[], Any]) -> None:
+        from django.db import connections
+
+        started = time.monotonic()
+        try:
+            result = action()
+            alias = result._state.db if kind == "write" else ""
+            ok = True
+        except Exception:
+            alias, ok = dbha.available_db(), False
+            if self.report_failures:
+                dbha.report_failure(alias)
+        finally:
+            connections.close_all()
+        self.operations.append(Operation(kind, started, time.monotonic(), alias, ok))
+
+    @contextmanager
+    def running(self) -> Iterator[Load]:
+        stop = threading.Event()
+
+        def worker(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                note = f"{n}-{i}"
+                self._one("write", partial(self.model.objects.create, note=note))
+                self._one("read", partial(self.model.objects.filter(note=note).first))
+
+        pool = [threading.Thread(target=worker, args=(n,)) for n in range(self.threads)]
+        for thread in pool:
+            thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            for thread in pool:
+                thread.join(timeout=60)
+
+    def writes(self) -> list[Operation]:
+        return [op for op in self.operations if op.kind == "write"]
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -54,118 +100,145 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def run_load(model: Any, threads: int, stop: threading.Event) -> list[Operation]:
-    """Each thread: a write, then a read, each on a fresh connection (as a
-    request would), reporting failures to dbha as an application should."""
-    from django.db import connections
-
-    operations: list[Operation] = []
-    lock = threading.Lock()
-
-    def one(kind: str, action: Any) -> None:
-        started = time.monotonic()
-        ok = True
-        try:
-            action()
-        except Exception:
-            ok = False
-            dbha.report_failure(dbha.available_db())
-        finally:
-            connections.close_all()
-        with lock:
-            operations.append(Operation(kind, started, time.monotonic(), ok))
-
-    def worker(n: int) -> None:
-        i = 0
-        while not stop.is_set():
-            i += 1
-            note = f"{n}-{i}"
-            one("write", partial(model.objects.create, note=note))
-            one("read", partial(model.objects.filter(note=note).count))
-
-    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
-    for thread in pool:
-        thread.start()
-    stop.wait()
-    for thread in pool:
-        thread.join(timeout=60)
-    return operations
+@dataclass
+class Row:
+    scenario: str
+    report: bool
+    resume: float | None
+    failed: int
+    total: int
+    by_non_primary: int
+    flipped: int
+    before: list[float]
+    after: list[float]
 
 
-def scenario(name: str, model: Any, cluster: localdb.PgCluster, args: argparse.Namespace) -> Result:
-    stop = threading.Event()
-    operations: list[Operation] = []
-    loader = threading.Thread(target=lambda: operations.extend(run_load(model, args.threads, stop)))
-    loader.start()
-    try:
+def failover(
+    name: str, cluster: localdb.PgCluster, model: Any, args: argparse.Namespace, report: bool
+) -> Row:
+    """Kill or hang the primary, promote failover2, then (`rejoin`/`split`)
+    bring the old primary back rejoined or stale."""
+    primary, _, failover2 = cluster.servers
+    load = Load(model, args.threads, report)
+    with load.running():
         time.sleep(args.steady)
         failed_at = time.monotonic()
-        if name == "kill":
-            cluster.primary.kill()
-        else:
-            cluster.primary.pause()
+        (primary.pause if name == "hang" else primary.kill)()
         time.sleep(args.promote_after)
-        cluster.standbys[0].promote()
+        promoting = time.monotonic()
+        failover2.promote()
         promoted = time.monotonic()
+        returned = None
+        if name in ("rejoin", "split"):
+            time.sleep(1.0)
+            if name == "rejoin":
+                primary.rejoin(failover2)
+            else:
+                primary.start()  # un-rewound: a second primary
+            returned = time.monotonic()
         time.sleep(args.steady)
-    finally:
-        stop.set()
-        loader.join(timeout=120)
-        cluster.primary.kill()  # also ends a hang
-    writes = [op for op in operations if op.kind == "write"]
+    if name == "hang":
+        primary.kill()
+    writes = load.writes()
     resumed = [op.ended for op in writes if op.ok and op.ended >= promoted]
     first_ok = min(resumed) if resumed else None
-    return Result(
-        scenario=f"{name} (SIGKILL)" if name == "kill" else f"{name} (SIGSTOP)",
-        resume=None if first_ok is None else first_ok - promoted,
-        failed=sum(not op.ok for op in operations),
-        total=len(operations),
-        before=[op.latency for op in writes if op.ok and op.ended < failed_at],
-        after=[op.latency for op in writes if op.ok and first_ok and op.started >= first_ok],
+    # The legitimate primary: `default` until it failed, failover2 from its
+    # promotion on; failover1 never. A write `default` acknowledged after it
+    # came back stale went to a second primary.
+    by_non_primary = sum(
+        op.ok
+        and (
+            op.alias == "failover1"
+            or (op.alias == "failover2" and op.started < promoting)
+            or (op.alias == "default" and op.started > failed_at and returned is None)
+        )
+        for op in writes
     )
+    flipped = sum(
+        op.ok and op.alias == "default" and returned is not None and op.started > failed_at
+        for op in writes
+    )
+    return Row(
+        scenario={
+            "kill": "kill -9",
+            "hang": "SIGSTOP",
+            "rejoin": "kill -9, old primary rejoins",
+            "split": "kill -9, old primary back stale",
+        }[name],
+        report=report,
+        resume=None if first_ok is None else first_ok - promoted,
+        failed=sum(not op.ok for op in load.operations),
+        total=len(load.operations),
+        by_non_primary=by_non_primary,
+        flipped=flipped,
+        before=[op.latency for op in writes if op.ok and op.ended < failed_at],
+        after=[op.latency for op in writes if op.ok and first_ok and op.started >= first_ok + 0.5],
+    )
+
+
+def steady_state_connections(cluster: localdb.PgCluster, seconds: float) -> float:
+    """New server sessions per check interval while the checker runs idle,
+    counted by PostgreSQL itself (pg_stat_database.sessions, less our own
+    query)."""
+    dbha.available_db()
+    sql = "select sum(sessions) from pg_stat_database"
+    before = [int(s.query(sql)) for s in cluster.servers]
+    time.sleep(seconds)
+    after = [int(s.query(sql)) for s in cluster.servers]
+    new = sum(a - b - 1 for a, b in zip(after, before, strict=True))  # -1: the first query
+    intervals = seconds / 1.0  # default CHECK_INTERVAL
+    return new / intervals
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=["kill", "hang", "all"], default="all")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steady", type=float, default=4.0, help="seconds before and after")
     parser.add_argument("--promote-after", type=float, default=2.0)
     args = parser.parse_args()
-    names = ["kill", "hang"] if args.scenario == "all" else [args.scenario]
+
     # Django is configured once per process, so every cluster reuses the ports.
     ports = [localdb.free_port() for _ in localdjango.ALIASES]
     model = None
-    results = []
-    for name in names:
+    rows: list[Row] = []
+    plan = [("kill", True), ("kill", False), ("hang", True), ("hang", False),
+            ("rejoin", True), ("split", True)]  # fmt: skip
+    connections_per_interval = float("nan")
+    for name, report in plan:
         with localdb.PgCluster(standbys=2, ports=ports) as cluster:
             if model is None:
                 model = localdjango.configure(cluster)
+                connections_per_interval = steady_state_connections(cluster, 10.0)
             else:
                 localdjango.create_table(cluster, model)
-            results.append(scenario(name, model, cluster, args))
+            rows.append(failover(name, cluster, model, args, report))
             dbha.close()  # the next scenario starts from a fresh checker
 
     import django
 
     print(f"django-dbha {dbha.__version__}, Django {django.get_version()}, default DBHA settings")
     print(f"{args.threads} threads, each a write then a read per connection, CONN_MAX_AGE=0;")
-    print(f"failover1 promoted {args.promote_after} s after the primary failed")
+    print(f"failover2 promoted {args.promote_after} s after the primary failed")
     print()
     print(
-        "| scenario | writes resume after promotion | failed ops | write p50 / p99 before "
+        "| scenario | failures reported | writes resume after promotion | failed ops "
+        "| acked by a non-primary | flipped to a 2nd primary | write p50 / p99 before "
         "| write p50 / p99 after | p99 after / before |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
         resume = "never" if r.resume is None else f"{r.resume:.3f} s"
         p99_before, p99_after = percentile(r.before, 0.99), percentile(r.after, 0.99)
         print(
-            f"| {r.scenario} | {resume} | {r.failed} of {r.total} "
+            f"| {r.scenario} | {'yes' if r.report else 'no'} | {resume} | {r.failed} of {r.total} "
+            f"| {r.by_non_primary} | {r.flipped} "
             f"| {percentile(r.before, 0.5) * 1000:.1f} / {p99_before * 1000:.1f} ms "
             f"| {percentile(r.after, 0.5) * 1000:.1f} / {p99_after * 1000:.1f} ms "
             f"| {p99_after / p99_before:.2f}x |"
         )
+    print()
+    print(f"steady-state probing: {connections_per_interval:.2f} new server connections per "
+          "interval (3 servers, pg_stat_database.sessions over 10 s)")  # fmt: skip
     dbha.close()
     return 0
 

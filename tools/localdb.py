@@ -333,6 +333,8 @@ _PG_CONF = {
     "shared_buffers": "'16MB'",
     "max_connections": "100",
     "huge_pages": "off",
+    # pg_rewind needs it: an old primary can rejoin as a standby.
+    "wal_log_hints": "on",
     # Standbys reattach quickly after their upstream restarts or fails over.
     "wal_retrieve_retry_interval": "'500ms'",
     "logging_collector": "off",
@@ -413,6 +415,19 @@ class PgServer(_Server):
 
     def in_recovery(self) -> bool:
         return self.query("select pg_is_in_recovery()") == "t"
+
+    def rejoin(self, upstream: PgServer, timeout: float = 60) -> None:
+        """Rewind this (old primary's) data directory onto `upstream`'s timeline
+        and restart it as a standby streaming from `upstream`."""
+        self.stop()
+        # pg_rewind reads the source's timeline from its control file, which a
+        # fresh promotion updates only at its next checkpoint.
+        upstream.query("checkpoint", timeout=timeout)
+        source = f"host={LOOPBACK} port={upstream.port} user=postgres dbname=postgres"
+        cmd = [str(self.bindir / "pg_rewind"), "-D", str(self.datadir)]
+        cmd += ["--source-server", source, "-R", "--no-sync"]
+        _check(_run(cmd, timeout=timeout, owner=self._owner), f"pg_rewind for {self.name}")
+        self.start(timeout=timeout)
 
     def promote(self) -> None:
         """Turn this standby into a primary, waiting until it accepts writes."""

@@ -1,0 +1,351 @@
+"""Role-aware routing against real PostgreSQL 15: the `role` probe finds the
+primary, follows promotions, fences a stale primary (split brain), and sends
+reads to fresh standbys only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connections, transaction
+from django.test import override_settings
+
+import dbha
+from tests import certs
+from tests.conftest import PG_PORTS, TEST_DBHA, Cluster, pg_settings, wait_for
+from tests.testapp.models import Item, Report
+
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+
+
+def status(alias: str) -> dbha.NodeStatus:
+    return next(s for s in dbha.status() if s.alias == alias)
+
+
+def writer_is(alias: str) -> bool:
+    return dbha.available_db() == alias
+
+
+def names_on(cluster: Cluster, alias: str) -> set[str]:
+    out = cluster.servers[alias].query("select name from testapp_item")
+    return set(out.split()) if out else set()
+
+
+class Writer:
+    """Writes through the router in a background thread, as an application
+    would (a connection per write, failures reported), and remembers which
+    alias acknowledged each write."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, str] = {}  # write name -> alias that committed it
+        self.acked_at: dict[str, float] = {}
+        self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set() and n < 100_000:
+            n += 1
+            name = f"w{n}"
+            try:
+                alias = Item.objects.create(name=name)._state.db
+                self.acked[name] = alias
+                self.acked_at[name] = time.monotonic()
+            except Exception:
+                self.failed += 1
+                dbha.report_failure(dbha.available_db())
+            finally:
+                connections.close_all()
+            time.sleep(0.01)
+
+    @contextmanager
+    def running(self) -> Iterator[Writer]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=30)
+
+    def by(self, alias: str) -> set[str]:
+        return {name for name, a in self.acked.items() if a == alias}
+
+
+def test_roles_are_detected(cluster: Cluster) -> None:
+    assert dbha.available_db() == "default"
+    assert [s.role for s in dbha.status()] == ["primary", "standby", "standby"]
+    wait_for(lambda: status("failover1").lag == 0.0, what="an idle standby to show lag 0")
+    assert status("default").lag is None
+
+
+def test_kill_and_promotion_of_failover2(cluster: Cluster) -> None:
+    """The router finds the new primary by role, not by priority, and no
+    acknowledged write lands on a standby."""
+    with Writer().running() as writer:
+        wait_for(lambda: writer.by("default"), what="writes on the primary")
+        killed_at = time.monotonic()
+        cluster.servers["default"].kill()
+        time.sleep(0.5)
+        assert dbha.available_db() != "failover1", "a standby never takes writes"
+        cluster.servers["failover2"].promote()
+        wait_for(lambda: writer.by("failover2"), what="writes on failover2")
+    assert set(writer.acked.values()) <= {"default", "failover2"}
+    on_failover2 = names_on(cluster, "failover2")
+    assert writer.by("failover2") <= on_failover2
+    assert not names_on(cluster, "failover1") - names_on(cluster, "failover2")
+    # Writes the killed primary acknowledged but never shipped are lost to
+    # asynchronous replication, not to routing: only its last moments.
+    lost = writer.by("default") - on_failover2
+    assert all(killed_at - writer.acked_at[name] < 1.0 for name in lost), lost
+
+
+def test_hang_and_promotion_of_failover2(cluster: Cluster) -> None:
+    cluster.servers["default"].pause()
+    cluster.servers["failover2"].promote()
+    started = time.monotonic()
+    wait_for(lambda: writer_is("failover2"), what="the promotion to be followed")
+    assert time.monotonic() - started < 5
+    assert status("default").last_error == "timeout"
+    assert status("failover1").role == "standby"
+
+
+def test_a_failed_write_report_follows_the_promotion_at_once(cluster: Cluster) -> None:
+    with override_settings(DBHA={**TEST_DBHA, "CHECK_INTERVAL": 60, "FALL": 5}):
+        assert dbha.available_db() == "default"
+        cluster.servers["default"].kill()
+        cluster.servers["failover2"].promote()
+        promoted = time.monotonic()
+        dbha.report_failure("default")
+        wait_for(lambda: writer_is("failover2"), timeout=3, what="the re-probe")
+        assert time.monotonic() - promoted < 1.0
+        assert status("default").state == "up", "moved without waiting for FALL"
+
+
+def test_no_primary_means_no_writer(cluster: Cluster) -> None:
+    with override_settings(DBHA={**TEST_DBHA, "ON_ALL_DOWN": "raise"}):
+        assert dbha.available_db() == "default"
+        cluster.servers["default"].kill()
+        wait_for(lambda: status("default").state == "down", what="the primary down")
+        with pytest.raises(dbha.NoHealthyDatabase, match="failover1"):
+            dbha.available_db()
+        assert {status(a).state for a in ("failover1", "failover2")} == {"up"}
+
+
+def test_a_rejoined_old_primary_serves_reads_not_writes(cluster: Cluster) -> None:
+    with override_settings(DBHA={**TEST_DBHA, "READS": "replicas"}):
+        cluster.servers["default"].kill()
+        cluster.servers["failover2"].promote()
+        wait_for(lambda: writer_is("failover2"), what="failover")
+        cluster.servers["default"].rejoin(cluster.servers["failover2"])
+        wait_for(
+            lambda: status("default").role == "standby" and status("default").state == "up",
+            what="the old primary to rejoin as a standby",
+        )
+        wait_for(lambda: "default" in {dbha.read_db() for _ in range(10)}, what="reads on it")
+        assert dbha.available_db() == "failover2"
+        assert not status("default").split_brain
+
+
+def test_a_stale_primary_is_fenced(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dbha")
+    cluster.servers["default"].kill()
+    cluster.servers["failover1"].promote()
+    wait_for(lambda: writer_is("failover1"), what="failover")
+    with Writer().running() as writer:
+        cluster.servers["default"].start()  # un-rewound: a second primary
+        wait_for(lambda: status("default").split_brain, what="the split brain to be seen")
+        assert status("default").role == "primary"
+        for _ in range(5):
+            dbha.check_now()
+            assert dbha.available_db() == "failover1"
+    assert set(writer.acked.values()) == {"failover1"}
+    assert not names_on(cluster, "default") & writer.by("failover1")
+    wait_for(
+        lambda: any(
+            r.levelno == logging.ERROR and "split brain" in r.message for r in caplog.records
+        ),
+        what="the split brain to be logged at ERROR",
+    )
+    # A process starting now picks the newest promotion (higher timeline).
+    dbha.close()
+    assert dbha.available_db() == "failover1"
+    assert status("default").split_brain
+
+
+def test_lagging_replicas_are_excluded_from_reads(cluster: Cluster) -> None:
+    settings = {**TEST_DBHA, "READS": "replicas", "MAX_REPLICA_LAG": 1}
+    with override_settings(DBHA=settings):
+        wait_for(lambda: {dbha.read_db() for _ in range(6)} == {"failover1", "failover2"},
+                 what="reads spread over both standbys")  # fmt: skip
+        cluster.servers["failover1"].query("select pg_wal_replay_pause()")
+        deadline = time.monotonic() + 20
+        while status("failover1").lag in (None, 0.0) or status("failover1").lag <= 1:
+            cluster.servers["default"].query("create table if not exists tick(x int)")
+            cluster.servers["default"].query("insert into tick values (1)")
+            assert time.monotonic() < deadline, "replay lag never grew"
+            time.sleep(0.2)
+        dbha.check_now()
+        assert {dbha.read_db() for _ in range(20)} == {"failover2"}
+        cluster.servers["failover1"].query("select pg_wal_replay_resume()")
+        wait_for(lambda: "failover1" in {dbha.read_db() for _ in range(6)}, what="its return")
+
+
+def test_reads_stay_on_the_writer_when_consistency_needs_it(cluster: Cluster) -> None:
+    settings = {**TEST_DBHA, "READS": "replicas", "WRITER_READS": ["testapp.Report"]}
+    with override_settings(DBHA=settings):
+        router = dbha.ModelDatabaseRouter()
+        wait_for(lambda: dbha.read_db() != "default", what="replica reads")
+        assert router.db_for_read(Item) in {"failover1", "failover2"}
+        assert router.db_for_read(Report) == "default"
+        with dbha.use_writer():
+            assert dbha.read_db() == "default"
+            assert router.db_for_read(Item) == "default"
+            with dbha.use_writer():
+                pass
+            assert router.db_for_read(Item) == "default", "nesting keeps the pin"
+        assert router.db_for_read(Item) != "default"
+
+        @dbha.use_writer()
+        def pinned() -> str:
+            return router.db_for_read(Item)
+
+        assert pinned() == "default"
+        with transaction.atomic(using="default"):
+            assert router.db_for_read(Item) == "default"
+        assert router.db_for_read(Item) != "default"
+        connections.close_all()
+
+        # Pins are per thread: another thread still reads from replicas.
+        seen: list[str] = []
+        with dbha.use_writer():
+            thread = threading.Thread(target=lambda: seen.append(router.db_for_read(Item)))
+            thread.start()
+            thread.join()
+        assert seen[0] != "default"
+
+
+def test_steady_state_probing_opens_no_connections(cluster: Cluster) -> None:
+    with override_settings(DBHA={**TEST_DBHA, "CHECK_INTERVAL": 0.1}):
+        dbha.available_db()
+        sql = "select backend_start from pg_stat_activity where application_name = 'dbha'"
+        before = {alias: server.query(sql) for alias, server in cluster.servers.items()}
+        assert all(len(b.splitlines()) == 1 for b in before.values()), before
+        rounds = 20
+        for _ in range(rounds):
+            dbha.check_now()
+        after = {alias: server.query(sql) for alias, server in cluster.servers.items()}
+        assert after == before, "the same single connection per server"
+
+
+# --- authentication and TLS ---------------------------------------------------------------------
+
+USERS = {"scram_user": "scram-sha-256", "md5_user": "md5", "plain_user": "password"}
+
+
+@pytest.fixture
+def auth_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    """The primary with one user per password method, each required by
+    pg_hba.conf, and trust for everyone else."""
+    primary = cluster.servers["default"]
+    for user, method in USERS.items():
+        encryption = "md5" if method == "md5" else "scram-sha-256"
+        primary.query(f"set password_encryption = '{encryption}'; "
+                      f"create user {user} password 'pw-{user}'")  # fmt: skip
+    hba = primary.datadir / "pg_hba.conf"
+    original = hba.read_text()
+    lines = [f"host all {user} 127.0.0.1/32 {method}" for user, method in USERS.items()]
+    hba.write_text("\n".join(lines) + "\n" + original)
+    primary.query("select pg_reload_conf()")
+    try:
+        yield cluster
+    finally:
+        if primary.running:
+            hba.write_text(original)
+            primary.query("select pg_reload_conf()")
+            for user in USERS:
+                primary.query(f"drop user if exists {user}")
+
+
+def probe_as(user: str, password: str, **options: Any) -> dbha.NodeStatus:
+    entry = pg_settings(PG_PORTS["default"], USER=user, PASSWORD=password, OPTIONS=options)
+    with override_settings(DATABASES={"default": entry}, DBHA=TEST_DBHA):
+        dbha.available_db()
+        return status("default")
+
+
+@pytest.mark.parametrize("user", sorted(USERS))
+def test_password_methods(auth_cluster: Cluster, user: str) -> None:
+    result = probe_as(user, f"pw-{user}")
+    assert (result.state, result.role, result.last_error) == ("up", "primary", None)
+
+
+def test_a_wrong_password_is_down_and_never_shown(
+    auth_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dbha")
+    result = probe_as("scram_user", "not-the-password")
+    assert result.state == "down"
+    assert result.last_error is not None
+    assert result.last_error.startswith("authentication failed")
+    time.sleep(0.3)  # let the log thread deliver
+    assert "not-the-password" not in repr(result.as_dict()) + caplog.text
+
+
+def test_monitoring_credentials_replace_the_alias_own(auth_cluster: Cluster) -> None:
+    entry = pg_settings(PG_PORTS["default"], USER="nobody-real", PASSWORD="x")
+    credentials = {"default": {"USER": "md5_user", "PASSWORD": "pw-md5_user"}}
+    dbha_settings = {**TEST_DBHA, "PROBE_CREDENTIALS": credentials}
+    with override_settings(DATABASES={"default": entry}, DBHA=dbha_settings):
+        assert dbha.available_db() == "default"
+        assert status("default").role == "primary"
+
+
+@pytest.fixture
+def tls_cluster(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Cluster, certs.Certificates]]:
+    """The primary with TLS on and required for TCP clients."""
+    primary = cluster.servers["default"]
+    material = certs.make(tmp_path / "certs")
+    owner = os.stat(primary.datadir)
+    for path in (material.cert, material.key):
+        target = primary.datadir / path.name
+        target.write_bytes(path.read_bytes())
+        os.chown(target, owner.st_uid, owner.st_gid)
+        target.chmod(0o600)
+    tmp_path.chmod(0o755)
+    primary.query(
+        "alter system set ssl = on; alter system set ssl_cert_file = 'server.crt'; "
+        "alter system set ssl_key_file = 'server.key'"
+    )
+    hba = primary.datadir / "pg_hba.conf"
+    original = hba.read_text()
+    hba.write_text("hostssl all all 127.0.0.1/32 trust\n" + original.replace("host all", "#"))
+    primary.query("select pg_reload_conf()")
+    try:
+        yield cluster, material
+    finally:
+        if primary.running:
+            hba.write_text(original)
+            primary.query("alter system reset ssl")
+            primary.query("select pg_reload_conf()")
+
+
+def test_tls_verify_full(tls_cluster: tuple[Cluster, certs.Certificates]) -> None:
+    _, material = tls_cluster
+    good = probe_as("postgres", "", sslmode="verify-full", sslrootcert=str(material.ca))
+    assert (good.state, good.role) == ("up", "primary")
+    bad = probe_as("postgres", "", sslmode="verify-full", sslrootcert=str(material.other_ca))
+    assert bad.state == "down"
+    assert bad.last_error is not None
+    assert bad.last_error.startswith("TLS")
+    required = probe_as("postgres", "", sslmode="require")
+    assert required.state == "up"
+    plain = probe_as("postgres", "", sslmode="disable")
+    assert plain.state == "down", "pg_hba.conf accepts TLS only"
