@@ -293,7 +293,7 @@ impl Config {
                     .map_or(&Value::None, |(_, entry)| entry);
                 let (engine, endpoint) = parse_database(&alias, entry)?;
                 let probe = probe_kinds.get(&alias).unwrap_or(match engine {
-                    Engine::PostgreSql | Engine::MySql => ProbeKind::Handshake,
+                    Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
                     Engine::Other => ProbeKind::Tcp,
                 });
                 if probe != ProbeKind::Tcp && engine == Engine::Other {
@@ -1053,7 +1053,7 @@ mod tests {
         assert_eq!(c.timing, Timing::default());
         assert_eq!(c.on_all_down, OnAllDown::Last);
         assert_eq!(c.failback, Failback::Sticky);
-        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Handshake));
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Role));
         assert_eq!(
             c.nodes[2].endpoint,
             Endpoint::Tcp {
@@ -1109,7 +1109,7 @@ mod tests {
         assert!(c.timing.jitter.abs() < f64::EPSILON);
         assert_eq!(c.on_all_down, OnAllDown::Raise);
         assert_eq!(c.failback, Failback::Auto);
-        assert_eq!(c.nodes[0].probe, ProbeKind::Handshake);
+        assert_eq!(c.nodes[0].probe, ProbeKind::Role);
         assert_eq!(c.nodes[2].probe, ProbeKind::Tcp);
     }
 

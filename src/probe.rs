@@ -8,7 +8,7 @@
 //! `mysql`).
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -187,11 +187,12 @@ pub fn probe(node: &Node, deadline: Instant) -> Result<(), Failure> {
     }
 }
 
-/// What is left of `deadline`; a `Timeout` once it has passed.
+/// What is left of `deadline`; a `Timeout` once less than a millisecond is.
+/// (A socket timeout that rounds down to zero would mean "wait forever".)
 pub fn remaining(deadline: Instant) -> Result<Duration, Failure> {
     deadline
         .checked_duration_since(Instant::now())
-        .filter(|left| !left.is_zero())
+        .filter(|left| *left >= Duration::from_millis(1))
         .ok_or(Failure::Timeout)
 }
 
@@ -246,9 +247,22 @@ fn connect_unix(path: &Path, deadline: Instant) -> Result<Socket, Failure> {
     }
 }
 
-pub fn write_all_by(socket: &mut Socket, bytes: &[u8], deadline: Instant) -> Result<(), Failure> {
-    socket.set_write_timeout(Some(remaining(deadline)?))?;
-    socket.write_all(bytes)?;
+pub fn write_all_by(
+    socket: &mut Socket,
+    mut bytes: &[u8],
+    deadline: Instant,
+) -> Result<(), Failure> {
+    while !bytes.is_empty() {
+        socket.set_write_timeout(Some(remaining(deadline)?))?;
+        // MSG_NOSIGNAL: a server that hung up must not kill the process with
+        // SIGPIPE when the host application does not ignore it.
+        match socket.send_with_flags(bytes, libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(Failure::Closed),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -342,6 +356,7 @@ fn parse_mysql_greeting(payload: &[u8]) -> Result<(), Failure> {
 mod tests {
     use super::*;
     use crate::config::{Login, SslMode, Tls};
+    use std::io::Write;
     use std::net::TcpListener;
     use std::os::unix::net::UnixListener;
     use std::thread;

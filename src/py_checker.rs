@@ -21,6 +21,7 @@ use crate::py_value::to_value;
 
 pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
 pyo3::import_exception!(dbha.exceptions, NoHealthyDatabase);
+pyo3::import_exception!(django.utils.connection, ConnectionDoesNotExist);
 
 /// Longest slice of a blocking wait before checking for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -174,10 +175,16 @@ impl Runtime {
             return Ok(true);
         }
         let (Route::Healthy(writer) | Route::AllDown(writer)) = self.checker.route(group);
-        let connection = pins
+        let connection = match pins
             .connections
             .bind(py)
-            .get_item(self.aliases[writer].bind(py))?;
+            .get_item(self.aliases[writer].bind(py))
+        {
+            Ok(connection) => connection,
+            // Not one of Django's connections: no transaction can be open on it.
+            Err(e) if e.is_instance_of::<ConnectionDoesNotExist>(py) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         connection
             .getattr(pyo3::intern!(py, "in_atomic_block"))?
             .is_truthy()

@@ -1,15 +1,20 @@
-"""The MySQL/MariaDB handshake probe against a real MariaDB server."""
+"""MySQL/MariaDB probes against real MariaDB servers: the greeting
+(`handshake`) probe, and the `role` probe following `read_only`."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.test import override_settings
 
 import dbha
+from localdb import MariaDbServer, free_port
 from tests.conftest import MARIADB_PORT, TEST_DBHA, wait_for
+
+HANDSHAKE = {**TEST_DBHA, "PROBE": "handshake"}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 
@@ -21,7 +26,7 @@ def mariadb_settings(**extra: Any) -> dict[str, Any]:
         "PORT": MARIADB_PORT,
         "NAME": "mysql",
         "USER": "root",
-        "PASSWORD": "s3cret-password",
+        "PASSWORD": "",
         **extra,
     }
 
@@ -33,7 +38,7 @@ def state(alias: str) -> tuple[str, str | None]:
 
 def test_greeting_probe_follows_a_real_server(mariadb: Any) -> None:
     databases = {"my": mariadb_settings()}
-    with override_settings(DATABASES=databases, DBHA=TEST_DBHA):
+    with override_settings(DATABASES=databases, DBHA=HANDSHAKE):
         assert dbha.available_db() == "my"
         assert state("my") == ("up", None)
         mariadb.pause()
@@ -48,7 +53,7 @@ def test_unix_socket_from_options(mariadb: Any) -> None:
     databases = {
         "my": mariadb_settings(HOST="", OPTIONS={"unix_socket": str(mariadb.socket_path)}),
     }
-    with override_settings(DATABASES=databases, DBHA=TEST_DBHA):
+    with override_settings(DATABASES=databases, DBHA=HANDSHAKE):
         assert dbha.available_db() == "my"
         assert state("my") == ("up", None)
         mariadb.pause()
@@ -70,7 +75,7 @@ def test_an_error_greeting_is_down(mariadb: Any) -> None:
         else:
             pytest.fail("the server never ran out of connection slots")
         databases = {"my": mariadb_settings()}
-        with override_settings(DATABASES=databases, DBHA=TEST_DBHA):
+        with override_settings(DATABASES=databases, DBHA=HANDSHAKE):
             dbha.available_db()
             status = state("my")
             assert status[0] == "down"
@@ -79,3 +84,81 @@ def test_an_error_greeting_is_down(mariadb: Any) -> None:
     finally:
         for holder in holders:
             holder.close()
+
+
+@pytest.fixture
+def replicated_pair() -> Iterator[tuple[MariaDbServer, MariaDbServer]]:
+    """A MariaDB primary and a read-only replica of it (binlog + GTID)."""
+    primary = MariaDbServer(port=free_port(), extra_args=["--server-id=1", "--log-bin"])
+    replica = MariaDbServer(
+        port=free_port(), extra_args=["--server-id=2", "--log-bin", "--read-only=1"]
+    )
+    try:
+        primary.start()
+        replica.start()
+        replica.query(
+            f"CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={primary.port}, "
+            "MASTER_USER='root', MASTER_USE_GTID=slave_pos"
+        )
+        replica.query("START SLAVE")
+        yield primary, replica
+    finally:
+        dbha.close()
+        replica.cleanup()
+        primary.cleanup()
+
+
+def pair_settings(primary: MariaDbServer, replica: MariaDbServer) -> dict[str, Any]:
+    return {
+        "first": mariadb_settings(PORT=primary.port),
+        "second": mariadb_settings(PORT=replica.port),
+    }
+
+
+def test_role_probe_follows_read_only(replicated_pair: tuple[MariaDbServer, MariaDbServer]) -> None:
+    primary, replica = replicated_pair
+    settings = {**TEST_DBHA, "READS": "replicas"}
+    with override_settings(DATABASES=pair_settings(primary, replica), DBHA=settings):
+        assert dbha.available_db() == "first"
+        assert [s.role for s in dbha.status()] == ["primary", "standby"]
+        wait_for(lambda: dbha.status()[1].lag == 0.0, what="the replica's lag")
+        assert dbha.read_db() == "second"
+        # A switchover: demote the primary, then promote the replica.
+        primary.query("SET GLOBAL read_only = 1")
+        replica.query("STOP SLAVE")
+        replica.query("SET GLOBAL read_only = 0")
+        wait_for(lambda: dbha.available_db() == "second", what="writes to follow the switch")
+        assert [s.role for s in dbha.status()] == ["standby", "primary"]
+        # Both writable: a split brain; writes stay where they are.
+        primary.query("SET GLOBAL read_only = 0")
+        wait_for(lambda: dbha.status()[0].split_brain, what="the split brain to be seen")
+        for _ in range(3):
+            dbha.check_now()
+            assert dbha.available_db() == "second"
+
+
+def test_replicated_writes_land_on_the_primary_only(
+    replicated_pair: tuple[MariaDbServer, MariaDbServer],
+) -> None:
+    """No acknowledged write lands on the read-only replica except through
+    replication: compare what the client saw with what each server holds."""
+    primary, replica = replicated_pair
+    primary.query("CREATE DATABASE app")
+    primary.query("CREATE TABLE app.t (id INT PRIMARY KEY, at VARCHAR(10))")
+    with override_settings(DATABASES=pair_settings(primary, replica), DBHA=TEST_DBHA):
+        servers = {"first": primary, "second": replica}
+        acked: dict[int, str] = {}
+        for i in range(20):
+            alias = dbha.available_db()
+            servers[alias].query(f"INSERT INTO app.t VALUES ({i}, '{alias}')")
+            acked[i] = alias
+            if i == 9:  # switchover half way
+                primary.query("SET GLOBAL read_only = 1")
+                replica.query("STOP SLAVE")
+                replica.query("SET GLOBAL read_only = 0")
+                wait_for(lambda: dbha.available_db() == "second", what="the switchover")
+        assert set(acked.values()) == {"first", "second"}
+        on_second = replica.query("SELECT id, at FROM app.t ORDER BY id").splitlines()
+        assert on_second == [f"{i}\t{alias}" for i, alias in acked.items()]
+        on_first = primary.query("SELECT id FROM app.t ORDER BY id").split()
+        assert on_first == [str(i) for i, alias in acked.items() if alias == "first"]

@@ -1,5 +1,8 @@
-"""Failover against real PostgreSQL 15: a primary and two streaming standbys
-that the tests really kill, stop (SIGSTOP), restart and promote."""
+"""The core's behaviour against real PostgreSQL 15 (a primary and two
+streaming standbys that the tests really kill, stop, restart and promote),
+with the `handshake` probe: hysteresis, hangs, sticky writes, all-down
+policies, fork, threads. Role-aware routing, the default, is in
+test_roles.py."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +21,14 @@ from django.test import override_settings
 import dbha
 from tests.conftest import PG_PORTS, TEST_DBHA, Cluster, pg_settings, wait_for
 from tests.testapp.models import Item, Report
+
+HANDSHAKE = {**TEST_DBHA, "PROBE": "handshake"}
+
+
+@pytest.fixture(autouse=True)
+def handshake_probe() -> Iterator[None]:
+    with override_settings(DBHA=HANDSHAKE):
+        yield
 
 
 def writer_is(alias: str) -> bool:
@@ -90,7 +102,7 @@ def test_a_hung_primary_is_detected_by_the_handshake_probe(cluster: Cluster) -> 
 def test_the_tcp_probe_does_not_see_a_hang(cluster: Cluster) -> None:
     """The documented weakness of PROBE "tcp": a SIGSTOPped server still
     completes TCP connects (the kernel does it), so it looks healthy."""
-    with override_settings(DBHA={**TEST_DBHA, "PROBE": "tcp"}):
+    with override_settings(DBHA={**HANDSHAKE, "PROBE": "tcp"}):
         assert dbha.available_db() == "default"
         cluster.servers["default"].pause()
         for _ in range(5):
@@ -116,7 +128,7 @@ def test_the_old_primary_coming_back_does_not_take_writes_back(cluster: Cluster)
 
 
 def test_failback_auto_returns_to_the_first_alias(cluster: Cluster) -> None:
-    with override_settings(DBHA={**TEST_DBHA, "FAILBACK": "auto"}):
+    with override_settings(DBHA={**HANDSHAKE, "FAILBACK": "auto"}):
         cluster.servers["default"].kill()
         wait_for(lambda: writer_is("failover1"), what="failover")
         cluster.servers["default"].start()
@@ -136,7 +148,7 @@ def test_all_down_returns_the_last_writer_by_default(cluster: Cluster) -> None:
 
 
 def test_all_down_raises_when_asked_to(cluster: Cluster) -> None:
-    with override_settings(DBHA={**TEST_DBHA, "ON_ALL_DOWN": "raise"}):
+    with override_settings(DBHA={**HANDSHAKE, "ON_ALL_DOWN": "raise"}):
         assert dbha.available_db() == "default"
         for server in cluster.pg.servers:
             server.kill()
@@ -172,7 +184,7 @@ def test_unix_socket_postgres(cluster: Cluster) -> None:
         "local": pg_settings(PG_PORTS["default"], HOST=str(primary.socket_dir)),
         "failover1": pg_settings(PG_PORTS["failover1"]),
     }
-    with override_settings(DATABASES=databases, DBHA=TEST_DBHA):
+    with override_settings(DATABASES=databases, DBHA=HANDSHAKE):
         assert dbha.available_db() == "local"
         primary.pause()
         wait_for(lambda: writer_is("failover1"), what="the hung socket to be seen")
@@ -219,7 +231,7 @@ def test_a_forked_child_sees_a_failover_after_the_fork(cluster: Cluster) -> None
 
 
 def test_report_failure_reprobes_at_once(cluster: Cluster) -> None:
-    with override_settings(DBHA={**TEST_DBHA, "CHECK_INTERVAL": 60, "FALL": 1}):
+    with override_settings(DBHA={**HANDSHAKE, "CHECK_INTERVAL": 60, "FALL": 1}):
         assert dbha.available_db() == "default"
         cluster.servers["default"].kill()
         time.sleep(0.3)
@@ -231,7 +243,7 @@ def test_report_failure_reprobes_at_once(cluster: Cluster) -> None:
 def test_router_and_groups(cluster: Cluster) -> None:
     groups = {
         "DBHA": {
-            **TEST_DBHA,
+            **HANDSHAKE,
             "GROUPS": {"main": ["default", "failover1"], "reports": ["failover2"]},
             "ROUTES": {"testapp.Report": "reports"},
         }
@@ -293,7 +305,7 @@ def test_threads_read_consistent_answers_while_states_flip(cluster: Cluster) -> 
         except BaseException as e:
             errors.append(e)
 
-    settings: dict[str, Any] = {**TEST_DBHA, "RISE": 1, "FALL": 1, "FAILBACK": "auto"}
+    settings: dict[str, Any] = {**HANDSHAKE, "RISE": 1, "FALL": 1, "FAILBACK": "auto"}
     with override_settings(DBHA=settings):
         threads = [threading.Thread(target=reader) for _ in range(8)]
         for thread in threads:

@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 import dbha
+from localdb import free_port
 from tests.conftest import PG_PORTS, TEST_DBHA, pg_settings
 
 BAD_DBHA: list[tuple[dict[str, Any], str, str]] = [
@@ -113,12 +114,15 @@ def test_importing_dbha_reads_no_settings() -> None:
     assert result.stdout.strip() == dbha.__version__
 
 
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_settings_are_read_on_first_use_and_after_changes() -> None:
-    # Nothing listens on these ports: every alias is down, the default policy
-    # answers the first alias.
-    assert dbha.available_db() == "default"
-    with override_settings(DBHA={**TEST_DBHA, "DATABASES": ["failover2", "default"]}):
-        assert dbha.available_db() == "failover2"
-        assert [s.alias for s in dbha.status()] == ["failover2", "default"]
-    assert dbha.available_db() == "default"
-    assert len(dbha.status()) == 3
+    # Nothing listens on these ports: every alias is down, and the default
+    # policy answers the first alias.
+    nowhere = {alias: pg_settings(free_port()) for alias in ("a", "b", "c")}
+    with override_settings(DATABASES=nowhere, DBHA=TEST_DBHA):
+        assert dbha.available_db() == "a"
+        with override_settings(DBHA={**TEST_DBHA, "DATABASES": ["c", "a"]}):
+            assert dbha.available_db() == "c"
+            assert [s.alias for s in dbha.status()] == ["c", "a"]
+        assert dbha.available_db() == "a"
+        assert len(dbha.status()) == 3

@@ -89,6 +89,28 @@ def free_port(host: str = LOOPBACK) -> int:
 # --- helpers -----------------------------------------------------------------------------------
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live process below `root`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 def _server_user(name: str) -> pwd.struct_passwd | None:
     """The account server binaries must run as: `name` under root (they refuse root), else us."""
     if os.geteuid() != 0:
@@ -274,10 +296,15 @@ class _Server:
             time.sleep(_POLL_INTERVAL)
 
     def _signal_group(self, sig: signal.Signals) -> None:
+        """Signal the server and every process it started. PostgreSQL backends
+        call setsid(), so its process group alone misses them."""
         # Only while the leader is unreaped: until then its pid (= the group id) cannot be reused.
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
+            for pid in _descendants(self._proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def stop(self) -> None:
         """Shut down cleanly, SIGKILL the group if that takes over 10 s. Idempotent."""
@@ -589,9 +616,15 @@ class MariaDbServer(_Server):
     """One MariaDB server on 127.0.0.1 in its own temp dir; root logs in over TCP, no password."""
 
     def __init__(
-        self, port: int | None = None, base_dir: Path | None = None, name: str = "mariadb"
+        self,
+        port: int | None = None,
+        base_dir: Path | None = None,
+        name: str = "mariadb",
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """`extra_args` go to mariadbd after ours (e.g. `--log-bin`, `--ssl-cert=...`)."""
         self._owns_dir = base_dir is None
+        self.extra_args = list(extra_args)
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="localdb-mariadb-"))
             base_dir.chmod(0o755)  # the mysql user must traverse it when we are root
@@ -646,6 +679,7 @@ class MariaDbServer(_Server):
             f"--log-error={self.log_file}",
             "--max-connections=200",
             *_MARIADB_OPTS,
+            *self.extra_args,
         ]
 
     def _client(self, sql: str, timeout: float) -> subprocess.CompletedProcess[str]:
