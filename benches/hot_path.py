@@ -1,6 +1,8 @@
-"""Hot-path benchmark: ns per call of `dbha.available_db()` and the router,
-against a floor (a Python function returning a constant) and two reference
-implementations, all measured in this run.
+"""Hot-path benchmark: ns per call of `dbha.available_db()`, `read_db()` and
+the router, against a floor (a Python function returning a constant) and two
+reference implementations, all measured in this run. dbha watches a real
+local PostgreSQL primary and standby (READS="replicas"), but no call here
+touches them: only the background checker does.
 
     python benches/hot_path.py [--repeat 7] [--number 200000]
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,22 +23,26 @@ from pathlib import Path
 import django
 from django.conf import settings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-def configure(port: int) -> None:
+import localdb
+
+
+def configure(cluster: localdb.PgCluster) -> None:
     settings.configure(
         DATABASES={
-            "default": {
+            alias: {
                 "ENGINE": "django.db.backends.postgresql",
                 "HOST": "127.0.0.1",
-                "PORT": port,
-                "NAME": "bench",
-            },
+                "PORT": server.port,
+                "NAME": "postgres",
+                "USER": "postgres",
+            }
+            for alias, server in zip(("default", "replica"), cluster.servers, strict=True)
         },
         DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
         INSTALLED_APPS=[],
-        # A plain listener stands in for the server: the hot path never
-        # touches it, only the background probe does.
-        DBHA={"PROBE": "tcp"},
+        DBHA={"READS": "replicas"},
     )
     django.setup()
 
@@ -45,6 +50,9 @@ def configure(port: int) -> None:
 class ConstantRouter:
     def db_for_write(self, model: type, **hints: object) -> str:
         return "default"
+
+    def db_for_read(self, model: type, **hints: object) -> str:
+        return "replica"
 
 
 class RecipeRouter:
@@ -93,8 +101,8 @@ def main() -> int:
     parser.add_argument("--number", type=int, default=200_000)
     args = parser.parse_args()
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    configure(listener.getsockname()[1])
+    cluster = localdb.PgCluster(standbys=1).start()
+    configure(cluster)
 
     from django.db import models
     from django.db.utils import ConnectionRouter
@@ -106,6 +114,10 @@ def main() -> int:
             app_label = "bench"
 
     assert dbha.available_db() == "default"
+    deadline = time.monotonic() + 30
+    while dbha.read_db() != "replica":  # the standby's first lag reading
+        assert time.monotonic() < deadline, "the standby never became a reader"
+        time.sleep(0.1)
     ours = dbha.ModelDatabaseRouter()
     django_ours = ConnectionRouter(["dbha.ModelDatabaseRouter"])
     django_constant = ConnectionRouter([ConstantRouter()])
@@ -115,6 +127,7 @@ def main() -> int:
         namespace: dict[str, object] = {
             "constant": constant,
             "available_db": dbha.available_db,
+            "read_db": dbha.read_db,
             "ours": ours,
             "Thing": Thing,
             "recipe": recipe,
@@ -125,26 +138,43 @@ def main() -> int:
         cases = [
             ("Python function returning a constant (floor)", "constant()", "floor"),
             ("dbha.available_db()", "available_db()", "floor"),
+            ('dbha.read_db(), READS="replicas"', "read_db()", "floor"),
             ("ModelDatabaseRouter().db_for_write(Model)", "ours.db_for_write(Thing)", "floor"),
+            ("ModelDatabaseRouter().db_for_read(Model)", "ours.db_for_read(Thing)", "floor"),
             ("recipe: file read + strptime per call", "recipe.available_db()", "floor"),
             ("pure-Python cache behind threading.Lock", "locked.available_db()", "floor"),
             (
-                "Django ConnectionRouter, constant router",
+                "Django ConnectionRouter.db_for_write, constant router",
                 "django_constant.db_for_write(Thing)",
                 "django",
             ),
-            ("Django ConnectionRouter, dbha router", "django_ours.db_for_write(Thing)", "django"),
+            (
+                "Django ConnectionRouter.db_for_write, dbha router",
+                "django_ours.db_for_write(Thing)",
+                "django",
+            ),
+            (
+                "Django ConnectionRouter.db_for_read, constant router",
+                "django_constant.db_for_read(Thing)",
+                "django_read",
+            ),
+            (
+                "Django ConnectionRouter.db_for_read, dbha router",
+                "django_ours.db_for_read(Thing)",
+                "django_read",
+            ),
         ]
         results = {
             name: measure(statement, namespace, args.number, args.repeat)
             for name, statement, _ in cases
         }
     dbha.close()
-    listener.close()
+    cluster.stop()
 
     baselines = {
         "floor": results[cases[0][0]],
-        "django": results["Django ConnectionRouter, constant router"],
+        "django": results["Django ConnectionRouter.db_for_write, constant router"],
+        "django_read": results["Django ConnectionRouter.db_for_read, constant router"],
     }
     print(
         f"Python {sys.version.split()[0]}, Django {django.get_version()}, dbha {dbha.__version__}"
