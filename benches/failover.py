@@ -60,9 +60,9 @@ class Load:
             alias = result._state.db if kind == "write" else ""
             ok = True
         except Exception:
-            alias, ok = dbha.available_db(), False
+            alias, ok = "", False
             if self.report_failures:
-                dbha.report_failure(alias)
+                dbha.report_failure("default")  # re-probes the alias's whole group
         finally:
             connections.close_all()
         self.operations.append(Operation(kind, started, time.monotonic(), alias, ok))
@@ -195,19 +195,30 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steady", type=float, default=4.0, help="seconds before and after")
     parser.add_argument("--promote-after", type=float, default=2.0)
+    parser.add_argument(
+        "--scenarios",
+        default="kill,kill-unreported,hang,hang-unreported,rejoin,split",
+        help="comma-separated subset of the default list",
+    )
+    parser.add_argument(
+        "--on-all-down", choices=["last", "raise"], default="last", help='DBHA["ON_ALL_DOWN"]'
+    )
     args = parser.parse_args()
 
     # Django is configured once per process, so every cluster reuses the ports.
     ports = [localdb.free_port() for _ in localdjango.ALIASES]
     model = None
     rows: list[Row] = []
-    plan = [("kill", True), ("kill", False), ("hang", True), ("hang", False),
-            ("rejoin", True), ("split", True)]  # fmt: skip
+    plan = [
+        (name.removesuffix("-unreported"), not name.endswith("-unreported"))
+        for name in args.scenarios.split(",")
+    ]
+    dbha_settings = {"ON_ALL_DOWN": args.on_all_down} if args.on_all_down != "last" else None
     connections_per_interval = float("nan")
     for name, report in plan:
         with localdb.PgCluster(standbys=2, ports=ports) as cluster:
             if model is None:
-                model = localdjango.configure(cluster)
+                model = localdjango.configure(cluster, dbha_settings)
                 connections_per_interval = steady_state_connections(cluster, 10.0)
             else:
                 localdjango.create_table(cluster, model)
@@ -216,7 +227,10 @@ def main() -> int:
 
     import django
 
-    print(f"django-dbha {dbha.__version__}, Django {django.get_version()}, default DBHA settings")
+    tuned = (
+        f'DBHA["ON_ALL_DOWN"] = "{args.on_all_down}"' if dbha_settings else "default DBHA settings"
+    )
+    print(f"django-dbha {dbha.__version__}, Django {django.get_version()}, {tuned}")
     print(f"{args.threads} threads, each a write then a read per connection, CONN_MAX_AGE=0;")
     print(f"failover2 promoted {args.promote_after} s after the primary failed")
     print()

@@ -103,6 +103,12 @@ fn close(py: Python<'_>) {
     py_checker::reset(py, true);
 }
 
+/// Counts `dbha.use_writer()` blocks entered (`True`) and left.
+#[pyfunction]
+fn count_writer_pin(entered: bool) {
+    py_checker::count_writer_pin(entered);
+}
+
 /// Forgets the configuration (settings changed); the next call re-reads it.
 #[pyfunction]
 fn reset(py: Python<'_>) {
@@ -127,6 +133,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(report_failure, m)?)?;
     m.add_function(wrap_pyfunction!(close, m)?)?;
     m.add_function(wrap_pyfunction!(reset, m)?)?;
+    m.add_function(wrap_pyfunction!(count_writer_pin, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
     Ok(())
 }

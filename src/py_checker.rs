@@ -3,7 +3,7 @@
 //! lock-free on the hot path.
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -46,6 +46,7 @@ static START: Mutex<()> = Mutex::new(());
 
 pub struct Runtime {
     generation: u64,
+    id: u64,
     pub checker: Checker,
     /// Per node, the alias as an interned Python string: the hot path
     /// returns a new reference, never a new string.
@@ -73,9 +74,31 @@ struct ReadPins {
     connections: Py<PyAny>,
 }
 
+/// Open `use_writer()` blocks in the whole process: while there are none,
+/// the router need not look up the `ContextVar`.
+static OPEN_WRITER_PINS: AtomicUsize = AtomicUsize::new(0);
+
+/// Numbers runtimes, so that per-thread caches can tell them apart.
+static RUNTIME_IDS: AtomicU64 = AtomicU64::new(0);
+
 thread_local! {
     /// Round-robin position; per thread, so readers share no counter.
     static NEXT_READER: Cell<u32> = const { Cell::new(0) };
+    /// This thread's Django connection objects (`connections[alias]`) by
+    /// node, for the runtime with this id. Django keeps one per thread and
+    /// alias for good, and looking it up costs a microsecond.
+    static CONNECTIONS: RefCell<(u64, Vec<Option<Py<PyAny>>>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+}
+
+/// `use_writer()` entered (`true`) or left.
+pub fn count_writer_pin(entered: bool) {
+    if entered {
+        OPEN_WRITER_PINS.fetch_add(1, Ordering::Relaxed);
+    } else {
+        // Never below zero, even if a block is left twice.
+        let _ = OPEN_WRITER_PINS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
 }
 
 impl Runtime {
@@ -167,27 +190,59 @@ impl Runtime {
         let Some(pins) = &self.pins else {
             return Ok(false);
         };
-        if pins
-            .use_writer
-            .call_method0(py, pyo3::intern!(py, "get"))?
-            .is_truthy(py)?
+        if OPEN_WRITER_PINS.load(Ordering::Relaxed) > 0
+            && pins
+                .use_writer
+                .call_method0(py, pyo3::intern!(py, "get"))?
+                .is_truthy(py)?
         {
             return Ok(true);
         }
         let (Route::Healthy(writer) | Route::AllDown(writer)) = self.checker.route(group);
+        let Some(connection) = self.django_connection(py, pins, writer)? else {
+            return Ok(false);
+        };
+        connection
+            .bind(py)
+            .getattr(pyo3::intern!(py, "in_atomic_block"))?
+            .is_truthy()
+    }
+
+    /// This thread's `connections[alias]` for `node`; `None` if Django has
+    /// no such connection (then no transaction can be open on it).
+    fn django_connection(
+        &self,
+        py: Python<'_>,
+        pins: &ReadPins,
+        node: usize,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let cached = CONNECTIONS.with_borrow(|(id, by_node)| {
+            let connection = by_node.get(node).and_then(Option::as_ref);
+            connection
+                .filter(|_| *id == self.id)
+                .map(|c| c.clone_ref(py))
+        });
+        if let Some(connection) = cached {
+            return Ok(Some(connection));
+        }
         let connection = match pins
             .connections
             .bind(py)
-            .get_item(self.aliases[writer].bind(py))
+            .get_item(self.aliases[node].bind(py))
         {
-            Ok(connection) => connection,
-            // Not one of Django's connections: no transaction can be open on it.
-            Err(e) if e.is_instance_of::<ConnectionDoesNotExist>(py) => return Ok(false),
+            Ok(connection) => connection.unbind(),
+            Err(e) if e.is_instance_of::<ConnectionDoesNotExist>(py) => return Ok(None),
             Err(e) => return Err(e),
         };
-        connection
-            .getattr(pyo3::intern!(py, "in_atomic_block"))?
-            .is_truthy()
+        CONNECTIONS.with_borrow_mut(|(id, by_node)| {
+            if *id != self.id {
+                *id = self.id;
+                by_node.clear();
+            }
+            by_node.resize_with(self.aliases.len(), || None);
+            by_node[node] = Some(connection.clone_ref(py));
+        });
+        Ok(Some(connection))
     }
 
     /// The alias to write to in `group`.
@@ -318,6 +373,7 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
     })?;
     Ok(Runtime {
         generation,
+        id: RUNTIME_IDS.fetch_add(1, Ordering::Relaxed),
         checker,
         aliases,
         model_routes,

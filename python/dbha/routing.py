@@ -7,6 +7,8 @@ from contextlib import ContextDecorator
 from contextvars import ContextVar, Token
 from types import TracebackType
 
+from dbha import _core
+
 #: How many `use_writer()` blocks are open in this context (thread or task);
 #: the router reads it.
 USE_WRITER: ContextVar[int] = ContextVar("dbha_use_writer", default=0)
@@ -34,6 +36,7 @@ class use_writer(ContextDecorator):
 
     def __enter__(self) -> use_writer:
         self._tokens.append(USE_WRITER.set(USE_WRITER.get() + 1))
+        _core.count_writer_pin(True)
         return self
 
     def __exit__(
@@ -43,3 +46,4 @@ class use_writer(ContextDecorator):
         traceback: TracebackType | None,
     ) -> None:
         USE_WRITER.reset(self._tokens.pop())
+        _core.count_writer_pin(False)
