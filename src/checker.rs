@@ -114,6 +114,30 @@ impl Snapshot {
         }
     }
 
+    /// Every member of `group` and why it is not the writer, for messages:
+    /// `alias (endpoint): reason; ...`.
+    pub fn describe_group(&self, config: &Config, group: usize) -> String {
+        config.groups[group]
+            .members
+            .clone()
+            .map(|i| {
+                let node = &config.nodes[i];
+                let fenced = if self.fenced[i] {
+                    " (fenced: split brain)"
+                } else {
+                    ""
+                };
+                format!(
+                    "{} ({}): {}{fenced}",
+                    node.alias,
+                    node.endpoint,
+                    self.nodes[i].describe()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     pub fn route(&self, config: &Config, group: usize) -> Route {
         match self.writers[group] {
             Some(writer) => Route::Healthy(writer),
@@ -541,8 +565,8 @@ impl Scheduler {
                 OnAllDown::Last => "routing to the last writer",
                 OnAllDown::Raise => "raising NoHealthyDatabase",
             };
-            let reasons = self.down_reasons(group);
-            error!("group '{name}': no healthy database ({reasons}); {policy}");
+            let members = self.state.describe_group(config, group);
+            error!("group '{name}': no writer ({members}); {policy}");
             return;
         };
         let alias = &config.nodes[new].alias;
@@ -555,23 +579,6 @@ impl Scheduler {
             None => info!("group '{name}': writes go to {alias}"),
         }
         self.state.last_writers[group] = Some(new);
-    }
-
-    /// `alias: reason` for every member of `group`.
-    fn down_reasons(&self, group: usize) -> String {
-        let config = &self.shared.config;
-        config.groups[group]
-            .members
-            .clone()
-            .map(|i| {
-                let reason = self.state.nodes[i].last_error.as_ref().map_or_else(
-                    || self.state.nodes[i].health.as_str().to_owned(),
-                    ToString::to_string,
-                );
-                format!("{}: {reason}", config.nodes[i].alias)
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// Hands the probe of `node` to its thread, starting the thread if needed.

@@ -260,24 +260,10 @@ impl Runtime {
     #[cold]
     fn all_down_message(&self, group: usize) -> String {
         let config = self.config();
-        let snapshot = self.checker.snapshot();
-        let reasons: Vec<_> = config.groups[group]
-            .members
-            .clone()
-            .map(|i| {
-                let node = &config.nodes[i];
-                let health = &snapshot.nodes[i];
-                let reason = health
-                    .last_error
-                    .as_ref()
-                    .map_or_else(|| health.health.as_str().to_owned(), ToString::to_string);
-                format!("{} ({}): {reason}", node.alias, node.endpoint)
-            })
-            .collect();
         format!(
             "no healthy database in group '{}': {}",
             config.groups[group].name,
-            reasons.join("; ")
+            self.checker.snapshot().describe_group(config, group)
         )
     }
 }

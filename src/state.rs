@@ -109,6 +109,17 @@ impl NodeHealth {
         self.health == Health::Up
     }
 
+    /// A short account for messages: why the last probe failed, else the
+    /// health and role (`up, standby`).
+    pub fn describe(&self) -> String {
+        match (&self.last_error, self.role) {
+            (Some(failure), _) => failure.to_string(),
+            (None, Some(Role::Primary)) => format!("{}, primary", self.health.as_str()),
+            (None, Some(Role::Standby)) => format!("{}, standby", self.health.as_str()),
+            (None, None) => self.health.as_str().to_owned(),
+        }
+    }
+
     /// Up, and its last probe said primary.
     pub fn is_primary(&self) -> bool {
         self.is_up() && self.role == Some(Role::Primary)
