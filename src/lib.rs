@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod probe;
 pub mod select;
 pub mod state;
+pub mod tls;
 pub mod value;
 
 mod py_checker;

@@ -5,28 +5,20 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::iter;
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rsa::pkcs8::DecodePublicKey;
 use rsa::{Oaep, RsaPublicKey};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
-use rustls::{
-    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
-    SignatureScheme,
-};
+use rustls::ClientConnection;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls_pki_types::SubjectPublicKeyInfoDer;
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
 use socket2::Socket;
 
 use crate::config::{Endpoint, Login, Node, SslMode};
 use crate::probe::{self, remaining, Failure, Observation, Role, Session};
+use crate::tls::{self, ClientTls};
 
 const CLIENT_LONG_PASSWORD: u32 = 1;
 const CLIENT_CONNECT_WITH_DB: u32 = 1 << 3;
@@ -465,131 +457,21 @@ fn encrypt_password(password: &[u8], scramble: &[u8], pem: &[u8]) -> Result<Vec<
 // --- TLS ---------------------------------------------------------------------------------------
 
 struct TlsPlan {
-    config: Arc<ClientConfig>,
-    name: ServerName<'static>,
+    client: ClientTls,
     /// False for prefer/allow: plain text if the server offers no TLS.
     required: bool,
 }
 
 /// What TLS the node's `ssl_mode` asks for; `None` for none. Unix sockets never use TLS.
 fn tls_plan(node: &Node) -> Result<Option<TlsPlan>, Failure> {
-    let mode = node.tls.mode;
-    let verify = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
-    if verify && node.tls.root_cert.is_none() {
-        return Err(Failure::Tls(
-            "verifying the server certificate needs a CA file (OPTIONS[\"ssl\"][\"ca\"])".into(),
-        ));
-    }
     let host = match &node.endpoint {
-        Endpoint::Tcp { host, .. } if mode != SslMode::Disable => host,
+        Endpoint::Tcp { host, .. } if node.tls.mode != SslMode::Disable => host,
         _ => return Ok(None),
     };
-    let name = match ServerName::try_from(host.as_str()) {
-        Ok(name) => name.to_owned(),
-        Err(_) if mode != SslMode::VerifyFull => ServerName::from(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        Err(_) => {
-            return Err(Failure::Tls(format!(
-                "{host} is not a valid TLS server name"
-            )))
-        }
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // Like libpq, REQUIRED with a CA file verifies the chain; PREFERRED never verifies.
-    let chain = match &node.tls.root_cert {
-        Some(path) if !matches!(mode, SslMode::Allow | SslMode::Prefer) => Some(
-            WebPkiServerVerifier::builder_with_provider(
-                Arc::new(load_roots(path)?),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| Failure::Tls(e.to_string()))?,
-        ),
-        _ => None,
-    };
-    let verifier = Verifier {
-        chain,
-        check_name: mode == SslMode::VerifyFull,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Failure::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
     Ok(Some(TlsPlan {
-        config: Arc::new(config),
-        name,
-        required: !matches!(mode, SslMode::Allow | SslMode::Prefer),
+        client: tls::client(&node.tls, host, "OPTIONS[\"ssl\"][\"ca\"]")?,
+        required: !matches!(node.tls.mode, SslMode::Allow | SslMode::Prefer),
     }))
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, Failure> {
-    let unreadable =
-        |e: &dyn fmt::Display| Failure::Tls(format!("cannot read CA file {}: {e}", path.display()));
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| unreadable(&e))? {
-        roots
-            .add(cert.map_err(|e| unreadable(&e))?)
-            .map_err(|e| unreadable(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(unreadable(&"no certificate in it"));
-    }
-    Ok(roots)
-}
-
-/// Verifies the chain when a CA file is given, and the host name only for `VERIFY_IDENTITY`;
-/// handshake signatures are always checked.
-#[derive(Debug)]
-struct Verifier {
-    chain: Option<Arc<WebPkiServerVerifier>>,
-    check_name: bool,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(chain) = &self.chain else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        // webpki checks the name only after the chain verified.
-        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            verdict => verdict,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 fn tls_failure(e: &rustls::Error) -> Failure {
@@ -625,7 +507,7 @@ impl Conn {
                 "data before the TLS handshake".into(),
             ));
         }
-        let mut tls = ClientConnection::new(plan.config.clone(), plan.name.clone())
+        let mut tls = ClientConnection::new(plan.client.config.clone(), plan.client.name.clone())
             .map_err(|e| tls_failure(&e))?;
         while tls.is_handshaking() {
             if tls.wants_write() {
@@ -976,7 +858,7 @@ mod tests {
     use super::*;
     use crate::config::{Engine, ProbeKind, Secret, Tls};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::thread;
 
     const SCRAMBLE: &[u8; 20] = b"0123456789ABCDEFGHIJ";

@@ -3,8 +3,6 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::Ipv4Addr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,20 +12,12 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::backend::{DataRowBody, ErrorFields, Message};
 use postgres_protocol::message::frontend;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
-    StreamOwned,
-};
+use rustls::{ClientConnection, StreamOwned};
 use socket2::Socket;
 
-use crate::config::{Endpoint, Login, Node, Secret, SslMode, Tls};
+use crate::config::{Endpoint, Login, Node, Secret, SslMode};
 use crate::probe::{self, remaining, Failure, Observation, Role, Session};
+use crate::tls::{self, ClientTls};
 
 /// Role, replay lag (seconds) and timeline, in one round trip.
 ///
@@ -66,7 +56,7 @@ pub fn connect(node: &Node, deadline: Instant) -> Result<Box<dyn Session>, Failu
         // PostgreSQL has no TLS over unix sockets; libpq ignores sslmode there.
         (Endpoint::Unix(_), _) | (_, SslMode::Disable) => start(node, deadline, Encryption::Off),
         (Endpoint::Tcp { host, .. }, mode) => {
-            let plan = TlsPlan::new(&node.tls, host)?;
+            let plan = tls::client(&node.tls, host, "sslrootcert")?;
             let (first, fallback) = match mode {
                 SslMode::Allow => (Encryption::PlainFirst, Some(Encryption::Require(&plan))),
                 SslMode::Prefer => (Encryption::Prefer(&plan), Some(Encryption::Off)),
@@ -115,8 +105,8 @@ enum Encryption<'a> {
     /// sslmode=allow: plain; TLS only if the server refuses us.
     PlainFirst,
     /// sslmode=prefer: TLS if the server has it; plain if that fails.
-    Prefer(&'a TlsPlan),
-    Require(&'a TlsPlan),
+    Prefer(&'a ClientTls),
+    Require(&'a ClientTls),
 }
 
 /// A failed start-up attempt.
@@ -314,7 +304,7 @@ fn io_failure(e: io::Error) -> Failure {
 
 fn handshake(
     wire: Wire,
-    plan: &TlsPlan,
+    plan: &ClientTls,
 ) -> Result<Box<StreamOwned<ClientConnection, Wire>>, Failure> {
     let client = ClientConnection::new(Arc::clone(&plan.config), plan.name.clone())
         .map_err(|e| Failure::Tls(one_line(&e.to_string())))?;
@@ -679,159 +669,10 @@ fn parse_role_row(row: &[Option<String>]) -> Result<Observation, Failure> {
     })
 }
 
-/// TLS settings for one connect, from the node's sslmode and sslrootcert.
-struct TlsPlan {
-    config: Arc<ClientConfig>,
-    name: ServerName<'static>,
-}
-
-impl TlsPlan {
-    fn new(tls: &Tls, host: &str) -> Result<Self, Failure> {
-        let roots = match (&tls.root_cert, tls.mode) {
-            (Some(path), _) => Some(load_roots(path)?),
-            (None, SslMode::VerifyCa) => {
-                return Err(Failure::Tls("sslmode verify-ca needs sslrootcert".into()))
-            }
-            (None, SslMode::VerifyFull) => {
-                return Err(Failure::Tls("sslmode verify-full needs sslrootcert".into()))
-            }
-            (None, _) => None,
-        };
-        let check_name = tls.mode == SslMode::VerifyFull;
-        let name = match ServerName::try_from(host.to_owned()) {
-            Ok(name) => name,
-            Err(_) if check_name => {
-                return Err(Failure::Tls(format!(
-                    "cannot verify the host name {host:?}"
-                )))
-            }
-            // Only used for SNI, which is then left out.
-            Err(_) => ServerName::IpAddress(Ipv4Addr::UNSPECIFIED.into()),
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Verifier {
-            roots,
-            check_name,
-            algorithms: provider.signature_verification_algorithms,
-        };
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Failure::Tls(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        Ok(Self {
-            config: Arc::new(config),
-            name,
-        })
-    }
-}
-
-struct Roots {
-    store: RootCertStore,
-    /// The certificates as given: a server certificate listed here is
-    /// trusted as is (the self-signed set-up of the PostgreSQL docs, which
-    /// webpki alone rejects as a CA certificate used by a server).
-    listed: Vec<CertificateDer<'static>>,
-}
-
-fn load_roots(path: &Path) -> Result<Roots, Failure> {
-    let unreadable = |e: &dyn fmt::Display| {
-        Failure::Tls(format!("cannot read sslrootcert {}: {e}", path.display()))
-    };
-    let listed = CertificateDer::pem_file_iter(path)
-        .map_err(|e| unreadable(&e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| unreadable(&e))?;
-    let mut store = RootCertStore::empty();
-    let (added, _) = store.add_parsable_certificates(listed.iter().cloned());
-    if added == 0 {
-        return Err(unreadable(&"no usable certificate"));
-    }
-    Ok(Roots { store, listed })
-}
-
-/// libpq's verification levels: none (`require` and below without
-/// sslrootcert), the chain (`verify-ca`, or any mode with sslrootcert), the
-/// chain and the host name (`verify-full`).
-struct Verifier {
-    roots: Option<Roots>,
-    check_name: bool,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl fmt::Debug for Verifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier")
-            .field(
-                "roots",
-                &self.roots.as_ref().map(|roots| roots.listed.len()),
-            )
-            .field("check_name", &self.check_name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerCertVerifier for Verifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(roots) = &self.roots else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        if !roots
-            .listed
-            .iter()
-            .any(|listed| listed.as_ref() == end_entity.as_ref())
-        {
-            verify_server_cert_signed_by_trust_anchor(
-                &cert,
-                &roots.store,
-                intermediates,
-                now,
-                self.algorithms.all,
-            )?;
-        }
-        if self.check_name {
-            verify_server_name(&cert, server_name)?;
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    // The handshake signatures are checked in every mode.
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Engine, ProbeKind};
+    use crate::config::{Engine, ProbeKind, Tls};
     use std::net::{TcpListener, TcpStream};
     use std::sync::mpsc;
     use std::thread;
@@ -933,14 +774,13 @@ mod tests {
 
     #[test]
     fn verify_modes_need_a_root_cert() {
-        for (mode, name) in [
-            (SslMode::VerifyCa, "verify-ca"),
-            (SslMode::VerifyFull, "verify-full"),
-        ] {
+        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
             let failure = connect(&node(1, mode, None), soon(500)).err().unwrap();
             assert_eq!(
                 failure,
-                Failure::Tls(format!("sslmode {name} needs sslrootcert"))
+                Failure::Tls(
+                    "verifying the server certificate needs a CA file (sslrootcert)".into()
+                )
             );
         }
         let mut missing = node(1, SslMode::Require, None);
