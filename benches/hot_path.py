@@ -21,30 +21,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import django
-from django.conf import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
+import localdjango
+
 import localdb
-
-
-def configure(cluster: localdb.PgCluster) -> None:
-    settings.configure(
-        DATABASES={
-            alias: {
-                "ENGINE": "django.db.backends.postgresql",
-                "HOST": "127.0.0.1",
-                "PORT": server.port,
-                "NAME": "postgres",
-                "USER": "postgres",
-            }
-            for alias, server in zip(("default", "replica"), cluster.servers, strict=True)
-        },
-        DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
-        INSTALLED_APPS=[],
-        DBHA={"READS": "replicas"},
-    )
-    django.setup()
 
 
 class ConstantRouter:
@@ -52,7 +34,7 @@ class ConstantRouter:
         return "default"
 
     def db_for_read(self, model: type, **hints: object) -> str:
-        return "replica"
+        return "failover1"
 
 
 class RecipeRouter:
@@ -102,20 +84,15 @@ def main() -> int:
     args = parser.parse_args()
 
     cluster = localdb.PgCluster(standbys=1).start()
-    configure(cluster)
+    Thing = localdjango.configure(cluster, {"READS": "replicas"})
 
-    from django.db import models
     from django.db.utils import ConnectionRouter
 
     import dbha
 
-    class Thing(models.Model):
-        class Meta:
-            app_label = "bench"
-
     assert dbha.available_db() == "default"
     deadline = time.monotonic() + 30
-    while dbha.read_db() != "replica":  # the standby's first lag reading
+    while dbha.read_db() != "failover1":  # the standby's first lag reading
         assert time.monotonic() < deadline, "the standby never became a reader"
         time.sleep(0.1)
     ours = dbha.ModelDatabaseRouter()

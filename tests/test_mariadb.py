@@ -108,6 +108,13 @@ def replicated_pair() -> Iterator[tuple[MariaDbServer, MariaDbServer]]:
         primary.cleanup()
 
 
+def switch_over(primary: MariaDbServer, replica: MariaDbServer) -> None:
+    """A planned switchover: demote the primary, then promote the replica."""
+    primary.query("SET GLOBAL read_only = 1")
+    replica.query("STOP SLAVE")
+    replica.query("SET GLOBAL read_only = 0")
+
+
 def pair_settings(primary: MariaDbServer, replica: MariaDbServer) -> dict[str, Any]:
     return {
         "first": mariadb_settings(PORT=primary.port),
@@ -123,10 +130,7 @@ def test_role_probe_follows_read_only(replicated_pair: tuple[MariaDbServer, Mari
         assert [s.role for s in dbha.status()] == ["primary", "standby"]
         wait_for(lambda: dbha.status()[1].lag == 0.0, what="the replica's lag")
         assert dbha.read_db() == "second"
-        # A switchover: demote the primary, then promote the replica.
-        primary.query("SET GLOBAL read_only = 1")
-        replica.query("STOP SLAVE")
-        replica.query("SET GLOBAL read_only = 0")
+        switch_over(primary, replica)
         wait_for(lambda: dbha.available_db() == "second", what="writes to follow the switch")
         assert [s.role for s in dbha.status()] == ["standby", "primary"]
         # Both writable: a split brain; writes stay where they are.
@@ -152,10 +156,8 @@ def test_replicated_writes_land_on_the_primary_only(
             alias = dbha.available_db()
             servers[alias].query(f"INSERT INTO app.t VALUES ({i}, '{alias}')")
             acked[i] = alias
-            if i == 9:  # switchover half way
-                primary.query("SET GLOBAL read_only = 1")
-                replica.query("STOP SLAVE")
-                replica.query("SET GLOBAL read_only = 0")
+            if i == 9:  # half way
+                switch_over(primary, replica)
                 wait_for(lambda: dbha.available_db() == "second", what="the switchover")
         assert set(acked.values()) == {"first", "second"}
         on_second = replica.query("SELECT id, at FROM app.t ORDER BY id").splitlines()

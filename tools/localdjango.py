@@ -14,9 +14,10 @@ ALIASES = ("default", "failover1", "failover2")
 
 
 def configure(cluster: PgCluster, dbha: dict[str, Any] | None = None) -> type[Any]:
-    """Points `default`, `failover1` and `failover2` at the cluster's servers
-    (CONN_MAX_AGE=0: a connection per request), routes through dbha, creates
-    the `Order` table on the primary and returns the model."""
+    """Points `default`, `failover1`, `failover2` (as many as the cluster
+    has servers) at the cluster (CONN_MAX_AGE=0: a connection per request),
+    routes through dbha, creates the `Order` table on the primary and
+    returns the model."""
     settings.configure(
         DATABASES={
             alias: {
@@ -28,7 +29,7 @@ def configure(cluster: PgCluster, dbha: dict[str, Any] | None = None) -> type[An
                 "CONN_MAX_AGE": 0,
                 "OPTIONS": {"connect_timeout": 2},
             }
-            for alias, server in zip(ALIASES, cluster.servers, strict=True)
+            for alias, server in zip(ALIASES, cluster.servers, strict=False)
         },
         DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
         INSTALLED_APPS=[],
