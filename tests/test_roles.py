@@ -4,6 +4,7 @@ reads to fresh standbys only."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -347,3 +348,27 @@ def test_tls_verify_full(tls_cluster: tuple[Cluster, certs.Certificates]) -> Non
     assert required.state == "up"
     plain = probe_as("postgres", "", sslmode="disable")
     assert plain.state == "down", "pg_hba.conf accepts TLS only"
+
+
+def test_use_writer_is_per_asyncio_task(cluster: Cluster) -> None:
+    with override_settings(DBHA={**TEST_DBHA, "READS": "replicas"}):
+        wait_for(lambda: dbha.read_db() != "default", what="replica reads")
+        both_inside = asyncio.Event()
+
+        async def pinned() -> str:
+            with dbha.use_writer():
+                await both_inside.wait()
+                return dbha.read_db()
+
+        async def unpinned() -> str:
+            await asyncio.sleep(0.01)  # while the other task holds its pin
+            answer = dbha.read_db()
+            both_inside.set()
+            return answer
+
+        async def main() -> list[str]:
+            return list(await asyncio.gather(pinned(), unpinned()))
+
+        pinned_answer, unpinned_answer = asyncio.run(main())
+        assert pinned_answer == "default"
+        assert unpinned_answer != "default", "the pin did not leak into the other task"
