@@ -3,10 +3,13 @@
 //! round for lock-free readers.
 //!
 //! Probes run in parallel, so a round with any number of dead or hung nodes
-//! costs one deadline. A probe stuck past its deadline (only name resolution
-//! can do that) is counted as a timeout and its node is skipped until it
-//! returns, so the schedule never waits on it.
+//! costs one deadline, and every answer takes effect as it arrives: a new
+//! round (a failure report, `check_now`) starts at once even while a hung
+//! node's probe is still waiting out its deadline. A probe stuck past its
+//! deadline (only name resolution can do that) counts as a timeout, and its
+//! node is not probed again until it returns.
 
+use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -28,8 +31,6 @@ const GRACE: Duration = Duration::from_millis(50);
 /// Least time between two rounds of a group triggered by failure reports, so
 /// that a burst of failing requests costs a few probes, not one each.
 const REPORT_GAP: Duration = Duration::from_millis(50);
-/// How often a round waiting on slow probes checks whether to stop.
-const STOP_POLL: Duration = Duration::from_millis(50);
 /// Pause before restarting a scheduler that panicked.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
@@ -148,15 +149,51 @@ impl Snapshot {
     }
 }
 
-#[derive(Default)]
 struct Control {
     stop: bool,
     /// Per group: the earliest time a requested extra round may start.
     requested: Vec<Option<Instant>>,
     /// Per group: when its last round started (for `REPORT_GAP`).
     last_started: Vec<Option<Instant>>,
+    /// The last round started (rounds are numbered from 1).
     started: u64,
-    completed: u64,
+    /// Every round below this one has completed ...
+    completed_below: u64,
+    /// ... and so have these (rounds complete out of order).
+    completed: BTreeSet<u64>,
+    /// The running scheduler's event queue, to wake it.
+    waker: Option<Sender<Event>>,
+}
+
+impl Control {
+    fn new(groups: usize) -> Self {
+        Self {
+            stop: false,
+            requested: vec![None; groups],
+            last_started: vec![None; groups],
+            started: 0,
+            completed_below: 1,
+            completed: BTreeSet::new(),
+            waker: None,
+        }
+    }
+
+    fn is_complete(&self, round: u64) -> bool {
+        round < self.completed_below || self.completed.contains(&round)
+    }
+
+    fn complete(&mut self, round: u64) {
+        self.completed.insert(round);
+        while self.completed.remove(&self.completed_below) {
+            self.completed_below += 1;
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            let _ = waker.send(Event::Wake);
+        }
+    }
 }
 
 struct Shared {
@@ -170,7 +207,7 @@ struct Shared {
     /// Per group, the reader with the lowest latency (`usize::MAX`: none).
     fastest: Box<[AtomicUsize]>,
     control: Mutex<Control>,
-    /// Wakes the scheduler: a request or stop.
+    /// Wakes the supervisor pausing before a restart (on stop).
     wake: Condvar,
     /// Wakes callers waiting for a round to complete.
     round_done: Condvar,
@@ -218,11 +255,7 @@ impl Checker {
             routes,
             readers,
             fastest,
-            control: Mutex::new(Control {
-                requested: vec![None; groups],
-                last_started: vec![None; groups],
-                ..Control::default()
-            }),
+            control: Mutex::new(Control::new(groups)),
             wake: Condvar::new(),
             round_done: Condvar::new(),
         });
@@ -274,7 +307,7 @@ impl Checker {
                 *requested = Some(now);
             }
         }
-        self.shared.wake.notify_one();
+        control.wake();
         control.started + 1
     }
 
@@ -286,21 +319,21 @@ impl Checker {
         let earliest = control.last_started[group].map_or_else(Instant::now, |at| at + REPORT_GAP);
         let requested = &mut control.requested[group];
         *requested = Some(requested.map_or(earliest, |r| r.min(earliest)));
-        self.shared.wake.notify_one();
+        control.wake();
     }
 
     /// Waits up to `timeout` until the round with `ticket` has completed.
     pub fn wait_for_round(&self, ticket: u64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut control = self.shared.control.lock();
-        while control.completed < ticket {
+        while !control.is_complete(ticket) {
             if self
                 .shared
                 .round_done
                 .wait_until(&mut control, deadline)
                 .timed_out()
             {
-                return control.completed >= ticket;
+                return control.is_complete(ticket);
             }
         }
         true
@@ -309,7 +342,10 @@ impl Checker {
     /// Stops the checker; with `join`, waits for its thread (a few tens of
     /// milliseconds: probe threads still running finish on their own).
     pub fn stop(&self, join: bool) {
-        self.shared.control.lock().stop = true;
+        let mut control = self.shared.control.lock();
+        control.stop = true;
+        control.wake();
+        drop(control);
         self.shared.wake.notify_all();
         if join {
             if let Some(thread) = self.thread.lock().take() {
@@ -353,87 +389,117 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".to_owned())
 }
 
-/// A probe thread's answer.
-struct ProbeResult {
-    node: usize,
-    round: u64,
-    outcome: ProbeOutcome,
+/// What wakes the scheduler.
+enum Event {
+    /// A probe thread's answer.
+    Answer { node: usize, outcome: ProbeOutcome },
+    /// A request or a stop (see `Control`).
+    Wake,
 }
 
 /// One long-lived thread per node, so a probe stuck in name resolution ties
 /// up only its own node.
 struct ProbeThread {
-    requests: Sender<u64>,
+    requests: Sender<()>,
+    /// A probe is in flight.
     busy: bool,
+    /// Its round gave up on it (recorded a timeout): drop its answer.
+    abandoned: bool,
+}
+
+/// A round waiting for answers.
+struct OpenRound {
+    id: u64,
+    deadline: Instant,
+    /// Nodes whose answer it still waits for.
+    waiting: Vec<usize>,
 }
 
 struct Scheduler {
     shared: Arc<Shared>,
     state: Snapshot,
     probe_threads: Vec<Option<ProbeThread>>,
-    results: Receiver<ProbeResult>,
-    results_sender: Sender<ProbeResult>,
+    events: Receiver<Event>,
+    events_sender: Sender<Event>,
+    open: Vec<OpenRound>,
+    next_periodic: Instant,
+    /// Per group: a writer was chosen at least once (so "no writer" at the
+    /// start is reported too).
+    decided: Vec<bool>,
 }
 
 impl Scheduler {
     fn new(shared: Arc<Shared>) -> Self {
         let state = Snapshot::clone(&shared.snapshot.load());
-        let (results_sender, results) = mpsc::channel();
+        let (events_sender, events) = mpsc::channel();
+        shared.control.lock().waker = Some(events_sender.clone());
         let probe_threads = shared.config.nodes.iter().map(|_| None).collect();
+        let decided = vec![false; shared.config.groups.len()];
         Self {
             shared,
             state,
             probe_threads,
-            results,
-            results_sender,
+            events,
+            events_sender,
+            open: Vec::new(),
+            next_periodic: Instant::now(),
+            decided,
         }
     }
 
     fn run(mut self) {
-        let mut next_periodic = Instant::now();
-        while let Some((round, groups, periodic)) = self.next_round(next_periodic) {
-            let started = Instant::now();
-            self.run_round(round, &groups);
-            if periodic {
-                next_periodic = started + self.jittered_interval();
+        while !self.shared.control.lock().stop {
+            if let Some((round, groups)) = self.due_round() {
+                self.start_round(round, &groups);
+            }
+            self.expire_rounds();
+            let wake_at = self.next_wake();
+            match self
+                .events
+                .recv_timeout(wake_at.saturating_duration_since(Instant::now()))
+            {
+                Ok(Event::Answer { node, outcome }) => self.on_answer(node, outcome),
+                Ok(Event::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                // Impossible: we hold a sender.
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
     }
 
-    /// Waits for the next round to be due; `None` when asked to stop.
-    /// Returns the round number, which groups to probe and whether it is the
-    /// periodic round.
-    fn next_round(&self, next_periodic: Instant) -> Option<(u64, Vec<bool>, bool)> {
+    /// The round due now, if any: its number and which groups it probes.
+    fn due_round(&mut self) -> Option<(u64, Vec<bool>)> {
         let mut control = self.shared.control.lock();
-        loop {
-            if control.stop {
-                return None;
-            }
-            let now = Instant::now();
-            let periodic = now >= next_periodic;
-            let groups: Vec<bool> = control
-                .requested
-                .iter()
-                .map(|r| periodic || r.is_some_and(|at| at <= now))
-                .collect();
-            if groups.contains(&true) {
-                control.started += 1;
-                for (g, &due) in groups.iter().enumerate() {
-                    if due {
-                        control.requested[g] = None;
-                        control.last_started[g] = Some(now);
-                    }
-                }
-                return Some((control.started, groups, periodic));
-            }
-            let wake_at = control
-                .requested
-                .iter()
-                .flatten()
-                .copied()
-                .fold(next_periodic, Instant::min);
-            self.shared.wake.wait_until(&mut control, wake_at);
+        let now = Instant::now();
+        let periodic = now >= self.next_periodic;
+        let groups: Vec<bool> = control
+            .requested
+            .iter()
+            .map(|r| periodic || r.is_some_and(|at| at <= now))
+            .collect();
+        if !groups.contains(&true) {
+            return None;
         }
+        control.started += 1;
+        for (g, &due) in groups.iter().enumerate() {
+            if due {
+                control.requested[g] = None;
+                control.last_started[g] = Some(now);
+            }
+        }
+        if periodic {
+            self.next_periodic = now + self.jittered_interval();
+        }
+        Some((control.started, groups))
+    }
+
+    /// The next periodic round, requested round or round deadline.
+    fn next_wake(&self) -> Instant {
+        let control = self.shared.control.lock();
+        let requested = control.requested.iter().flatten().copied();
+        let deadlines = self.open.iter().map(|round| round.deadline);
+        requested
+            .chain(deadlines)
+            .fold(self.next_periodic, Instant::min)
     }
 
     fn jittered_interval(&self) -> Duration {
@@ -442,89 +508,160 @@ impl Scheduler {
         timing.check_interval.mul_f64(1.0 + spread)
     }
 
-    fn run_round(&mut self, round: u64, groups: &[bool]) {
+    /// Probes the nodes of `groups`. A node whose probe is still in flight
+    /// is not probed twice: the round waits for that answer.
+    fn start_round(&mut self, id: u64, groups: &[bool]) {
         let config = Arc::clone(&self.shared.config);
-        let timeout = config.timing.connect_timeout;
-        let mut outcomes: Vec<Option<ProbeOutcome>> = vec![None; config.nodes.len()];
-        let mut pending = 0;
+        let mut waiting = Vec::new();
         for (index, node) in config.nodes.iter().enumerate() {
             if !groups[node.group] {
                 continue;
             }
-            match self.dispatch(index, round) {
-                Ok(()) => pending += 1,
-                Err(failure) => {
-                    outcomes[index] = Some(ProbeOutcome {
+            match self.dispatch(index) {
+                Ok(()) => waiting.push(index),
+                Err(failure) => self.record(
+                    index,
+                    ProbeOutcome {
                         result: Err(failure),
                         latency: Duration::ZERO,
-                    });
-                }
+                    },
+                ),
             }
         }
+        let deadline = Instant::now() + config.timing.connect_timeout + GRACE;
+        self.open.push(OpenRound {
+            id,
+            deadline,
+            waiting,
+        });
+        self.settle();
+    }
 
-        let deadline = Instant::now() + timeout + GRACE;
-        while pending > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self.results.recv_timeout(left.min(STOP_POLL)) {
-                Ok(result) => {
-                    if let Some(Some(thread)) = self.probe_threads.get_mut(result.node) {
-                        thread.busy = false;
-                    }
-                    if result.round == round {
-                        outcomes[result.node] = Some(result.outcome);
-                        pending -= 1;
-                    }
-                }
-                // Not worth finishing a round nobody will read.
-                Err(RecvTimeoutError::Timeout) if self.shared.control.lock().stop => return,
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+    fn on_answer(&mut self, node: usize, outcome: ProbeOutcome) {
+        if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
+            thread.busy = false;
+            if std::mem::take(&mut thread.abandoned) {
+                return;
             }
         }
+        self.record(node, outcome);
+        self.settle();
+    }
 
-        let now = SystemTime::now();
+    /// Rounds past their deadline count their missing answers as timeouts:
+    /// those probes are stuck (in name resolution).
+    fn expire_rounds(&mut self) {
+        let now = Instant::now();
+        if self.open.iter().all(|round| round.deadline > now) {
+            return;
+        }
+        let timeout = self.shared.config.timing.connect_timeout;
+        let expired: Vec<usize> = self
+            .open
+            .iter()
+            .filter(|round| round.deadline <= now)
+            .flat_map(|round| round.waiting.iter().copied())
+            .collect();
+        for node in expired {
+            if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
+                if !thread.busy || thread.abandoned {
+                    continue; // already recorded
+                }
+                thread.abandoned = true;
+            }
+            self.record(
+                node,
+                ProbeOutcome {
+                    result: Err(Failure::Timeout),
+                    latency: timeout,
+                },
+            );
+        }
+        for round in &mut self.open {
+            if round.deadline <= now {
+                round.waiting.clear();
+            }
+        }
+        self.settle();
+    }
+
+    /// Records one outcome in the state machine; the rounds waiting for it
+    /// stop waiting.
+    fn record(&mut self, index: usize, outcome: ProbeOutcome) {
+        let config = &self.shared.config;
         let timing = config.timing;
-        for (index, node) in config.nodes.iter().enumerate() {
-            if !groups[node.group] {
+        let health = &mut self.state.nodes[index];
+        if let Some(change) = health.record(outcome, timing.rise, timing.fall, SystemTime::now()) {
+            log_change(&config.nodes[index], health, change);
+        }
+        for round in &mut self.open {
+            round.waiting.retain(|&n| n != index);
+        }
+    }
+
+    /// Chooses writers and readers from what is known now, publishes, and
+    /// completes the rounds that have all their answers.
+    fn settle(&mut self) {
+        let config = Arc::clone(&self.shared.config);
+        for (g, group) in config.groups.iter().enumerate() {
+            let members = group.members.clone();
+            if members.clone().any(|i| self.undecided(i)) {
                 continue;
             }
-            // No answer by the deadline: the probe thread is stuck (in DNS).
-            let outcome = outcomes[index].take().unwrap_or(ProbeOutcome {
-                result: Err(Failure::Timeout),
-                latency: timeout,
-            });
-            let health = &mut self.state.nodes[index];
-            if let Some(change) = health.record(outcome, timing.rise, timing.fall, now) {
-                log_change(node, health, change);
-            }
+            self.select_writer(g, members.clone());
+            self.decided[g] = true;
+            self.state.readers[g] = choose_readers(
+                members,
+                &self.state.nodes,
+                self.state.writers[g],
+                &config.reads,
+            );
         }
-        for (g, group) in config.groups.iter().enumerate() {
-            if groups[g] {
-                self.select_writer(g, group.members.clone());
-                self.state.readers[g] = choose_readers(
-                    group.members.clone(),
-                    &self.state.nodes,
-                    self.state.writers[g],
-                    &config.reads,
-                );
+        let done: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|round| round.waiting.is_empty())
+            .map(|round| round.id)
+            .collect();
+        self.open.retain(|round| !round.waiting.is_empty());
+        self.state.rounds += done.len() as u64;
+        self.publish();
+        if !done.is_empty() {
+            let mut control = self.shared.control.lock();
+            for id in done {
+                control.complete(id);
             }
+            self.shared.round_done.notify_all();
         }
-        self.state.rounds += 1;
+    }
+
+    /// Whether the group's choice should wait for this node: it never
+    /// answered yet, or it looked healthy and its answer is on its way (a
+    /// node already failing is not waited for: its answer is likely a
+    /// timeout, and a promotion must not wait for that).
+    fn undecided(&self, node: usize) -> bool {
+        let health = &self.state.nodes[node];
+        let in_flight = matches!(
+            &self.probe_threads[node],
+            Some(ProbeThread {
+                busy: true,
+                abandoned: false,
+                ..
+            })
+        );
+        health.health == Health::Unknown || (in_flight && health.is_up() && !health.is_suspect())
+    }
+
+    fn publish(&self) {
+        let config = &self.shared.config;
         self.shared.snapshot.store(Arc::new(self.state.clone()));
         for (g, group) in config.groups.iter().enumerate() {
             let readers = self.state.readers[g];
             let fastest = fastest_reader(group.members.clone(), &self.state.nodes, readers);
-            self.shared.routes[g].store(self.state.route(&config, g).pack(), Ordering::Release);
+            self.shared.routes[g].store(self.state.route(config, g).pack(), Ordering::Release);
             self.shared.readers[g].store(readers, Ordering::Release);
             self.shared.fastest[g].store(fastest.unwrap_or(usize::MAX), Ordering::Release);
         }
-
-        let mut control = self.shared.control.lock();
-        control.completed = round;
-        self.shared.round_done.notify_all();
     }
 
     fn select_writer(&mut self, group: usize, members: std::ops::Range<usize>) {
@@ -553,9 +690,9 @@ impl Scheduler {
                 _ => {}
             }
         }
-        // The first round reports even "no writer", so a process that starts
-        // with every database down says so.
-        if after == before && (after.is_some() || self.state.rounds > 0) {
+        // The first choice reports even "no writer", so a process that
+        // starts with every database down says so.
+        if after == before && (after.is_some() || self.decided[group]) {
             return;
         }
         self.state.writers[group] = after;
@@ -581,22 +718,28 @@ impl Scheduler {
         self.state.last_writers[group] = Some(new);
     }
 
-    /// Hands the probe of `node` to its thread, starting the thread if needed.
-    fn dispatch(&mut self, node: usize, round: u64) -> Result<(), Failure> {
+    /// Hands a probe of `node` to its thread, starting the thread if
+    /// needed. A node whose probe is in flight is left to answer that one.
+    fn dispatch(&mut self, node: usize) -> Result<(), Failure> {
         if let Some(thread) = &self.probe_threads[node] {
             if thread.busy {
-                return Err(Failure::Timeout);
+                return if thread.abandoned {
+                    // Stuck past a deadline already: another timeout.
+                    Err(Failure::Timeout)
+                } else {
+                    Ok(())
+                };
             }
         }
         let sent = match &self.probe_threads[node] {
-            Some(thread) => thread.requests.send(round).is_ok(),
+            Some(thread) => thread.requests.send(()).is_ok(),
             None => false,
         };
         if !sent {
             let thread = self
                 .spawn_probe_thread(node)
                 .map_err(|e| Failure::Internal(format!("cannot start a probe thread: {e}")))?;
-            if thread.requests.send(round).is_err() {
+            if thread.requests.send(()).is_err() {
                 return Err(Failure::Internal("probe thread exited".into()));
             }
             self.probe_threads[node] = Some(thread);
@@ -608,8 +751,8 @@ impl Scheduler {
     }
 
     fn spawn_probe_thread(&self, index: usize) -> std::io::Result<ProbeThread> {
-        let (requests, inbox) = mpsc::channel::<u64>();
-        let results = self.results_sender.clone();
+        let (requests, inbox) = mpsc::channel::<()>();
+        let events = self.events_sender.clone();
         let shared = Arc::clone(&self.shared);
         thread::Builder::new()
             .name("dbha-probe".into())
@@ -618,7 +761,7 @@ impl Scheduler {
                 let timeout = shared.config.timing.connect_timeout;
                 let mut prober = shared.prober.for_node(node);
                 // Ends when the scheduler drops its sender.
-                while let Ok(round) = inbox.recv() {
+                while inbox.recv().is_ok() {
                     let started = Instant::now();
                     let result = panic::catch_unwind(AssertUnwindSafe(|| prober.probe(timeout)))
                         .unwrap_or_else(|panic| {
@@ -633,14 +776,11 @@ impl Scheduler {
                         result,
                         latency: started.elapsed(),
                     };
-                    if results
-                        .send(ProbeResult {
-                            node: index,
-                            round,
-                            outcome,
-                        })
-                        .is_err()
-                    {
+                    let answer = Event::Answer {
+                        node: index,
+                        outcome,
+                    };
+                    if events.send(answer).is_err() {
                         return;
                     }
                 }
@@ -648,6 +788,7 @@ impl Scheduler {
         Ok(ProbeThread {
             requests,
             busy: false,
+            abandoned: false,
         })
     }
 }
@@ -941,12 +1082,14 @@ mod tests {
         for _ in 0..100 {
             checker.report_failure(0);
         }
-        let completed = checker.shared.control.lock().completed;
-        assert!(checker.wait_for_round(completed + 1, Duration::from_secs(2)));
-        assert_eq!(writer(&checker), Route::Healthy(1));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while writer(&checker) != Route::Healthy(1) {
+            assert!(Instant::now() < deadline, "no re-probe");
+            thread::sleep(Duration::from_millis(5));
+        }
         thread::sleep(Duration::from_millis(150));
         let probes = script.probes.load(Ordering::SeqCst) - before;
-        let rounds = checker.shared.control.lock().completed;
+        let rounds = checker.shared.control.lock().started;
         assert!(
             probes <= 6,
             "100 reports cost {probes} probes, rounds {rounds}"
@@ -1027,6 +1170,36 @@ mod tests {
         // One failed probe of the writer, not five, once another node is primary.
         assert_eq!(settle(&checker), Route::Healthy(2));
         assert!(checker.snapshot().nodes[0].is_up(), "FALL not reached yet");
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_promotion_is_not_held_up_by_a_hung_writer() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("FALL", Value::Int(3)),
+            ("CHECK_INTERVAL", Value::Int(60)),
+            ("CONNECT_TIMEOUT", Value::Float(0.5)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        script.set("a", Answer::Hang);
+        settle(&checker); // one timeout: a is failing but still up
+        assert_eq!(writer(&checker), Route::Healthy(0));
+        script.set("b", Answer::Primary);
+        let started = Instant::now();
+        checker.report_failure(0);
+        while writer(&checker) != Route::Healthy(1) {
+            assert!(started.elapsed() < Duration::from_secs(2), "no switch");
+            thread::sleep(Duration::from_millis(1));
+        }
+        // Well within the hung probe's 0.5 s deadline.
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
         checker.stop(true);
     }
 
