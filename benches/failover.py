@@ -93,6 +93,32 @@ class Load:
         return [op for op in self.operations if op.kind == "write"]
 
 
+@contextmanager
+def watching_writer(switches: list[float]) -> Iterator[None]:
+    """Records when `available_db()` turns to failover2: dbha's own switch,
+    apart from the application's requests (which may be stuck connecting)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        last = None
+        while not stop.wait(0.002):
+            try:
+                alias = dbha.available_db()
+            except dbha.NoHealthyDatabase:
+                alias = None
+            if alias == "failover2" and last != "failover2":
+                switches.append(time.monotonic())
+            last = alias
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return float("nan")
@@ -105,6 +131,7 @@ class Row:
     scenario: str
     report: bool
     resume: float | None
+    switched: float | None
     failed: int
     total: int
     by_non_primary: int
@@ -120,7 +147,8 @@ def failover(
     bring the old primary back rejoined or stale."""
     primary, _, failover2 = cluster.servers
     load = Load(model, args.threads, report)
-    with load.running():
+    switches: list[float] = []  # when dbha's answer became failover2
+    with load.running(), watching_writer(switches):
         time.sleep(args.steady)
         failed_at = time.monotonic()
         (primary.pause if name == "hang" else primary.kill)()
@@ -140,6 +168,7 @@ def failover(
     if name == "hang":
         primary.kill()
     writes = load.writes()
+    switched = next((at - promoted for at in switches if at >= promoting), None)
     resumed = [op.ended for op in writes if op.ok and op.ended >= promoted]
     first_ok = min(resumed) if resumed else None
     # The legitimate primary: `default` until it failed, failover2 from its
@@ -167,6 +196,7 @@ def failover(
         }[name],
         report=report,
         resume=None if first_ok is None else first_ok - promoted,
+        switched=switched,
         failed=sum(not op.ok for op in load.operations),
         total=len(load.operations),
         by_non_primary=by_non_primary,
@@ -235,16 +265,19 @@ def main() -> int:
     print(f"failover2 promoted {args.promote_after} s after the primary failed")
     print()
     print(
-        "| scenario | failures reported | writes resume after promotion | failed ops "
+        "| scenario | failures reported | dbha switches after promotion "
+        "| writes resume after promotion | failed ops "
         "| acked by a non-primary | flipped to a 2nd primary | write p50 / p99 before "
         "| write p50 / p99 after | p99 after / before |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         resume = "never" if r.resume is None else f"{r.resume:.3f} s"
+        switched = "never" if r.switched is None else f"{r.switched:.3f} s"
         p99_before, p99_after = percentile(r.before, 0.99), percentile(r.after, 0.99)
         print(
-            f"| {r.scenario} | {'yes' if r.report else 'no'} | {resume} | {r.failed} of {r.total} "
+            f"| {r.scenario} | {'yes' if r.report else 'no'} | {switched} | {resume} "
+            f"| {r.failed} of {r.total} "
             f"| {r.by_non_primary} | {r.flipped} "
             f"| {percentile(r.before, 0.5) * 1000:.1f} / {p99_before * 1000:.1f} ms "
             f"| {percentile(r.after, 0.5) * 1000:.1f} / {p99_after * 1000:.1f} ms "
