@@ -295,6 +295,15 @@ class _Server:
                 return True
             time.sleep(_POLL_INTERVAL)
 
+    def _output(self, res: subprocess.CompletedProcess[str], sql: str) -> str:
+        """A client's output, or an error with the server's log tail if it died."""
+        if res.returncode != 0:
+            msg = f"{self.name}: {sql!r} failed: {res.stderr.strip()}"
+            if not self.running:
+                msg += f"\n{self.name} is not running; log tail:\n{self.log_tail()}"
+            raise LocalDbError(msg)
+        return res.stdout.strip()
+
     def _signal_group(self, sig: signal.Signals) -> None:
         """Signal the server and every process it started. PostgreSQL backends
         call setsid(), so its process group alone misses them."""
@@ -432,13 +441,7 @@ class PgServer(_Server):
 
     def query(self, sql: str, dbname: str = "postgres", timeout: float = 10) -> str:
         """Run `sql` with psql over TCP as postgres; return unaligned tuples-only output."""
-        res = self._psql(sql, dbname, timeout)
-        if res.returncode != 0:
-            msg = f"{self.name}: {sql!r} failed: {res.stderr.strip()}"
-            if not self.running:
-                msg += f"\n{self.name} is not running; log tail:\n{self.log_tail()}"
-            raise LocalDbError(msg)
-        return res.stdout.strip()
+        return self._output(self._psql(sql, dbname, timeout), sql)
 
     def in_recovery(self) -> bool:
         return self.query("select pg_is_in_recovery()") == "t"
@@ -694,13 +697,7 @@ class MariaDbServer(_Server):
 
     def query(self, sql: str, timeout: float = 10) -> str:
         """Run `sql` as root over TCP; return batch output (tab-separated, no column names)."""
-        res = self._client(sql, timeout)
-        if res.returncode != 0:
-            msg = f"{self.name}: {sql!r} failed: {res.stderr.strip()}"
-            if not self.running:
-                msg += f"\n{self.name} is not running; log tail:\n{self.log_tail()}"
-            raise LocalDbError(msg)
-        return res.stdout.strip()
+        return self._output(self._client(sql, timeout), sql)
 
     def cleanup(self) -> None:
         """Stop the server and remove its temp dir (if we made it)."""
