@@ -1,140 +1,15 @@
-//! django-dbha: a background database health checker for Django.
+//! django-dbha: database high availability for Django, as a Rust health
+//! checker behind a Python extension module.
 //!
-//! The pure core (no Python types): [`config`], [`probe`], [`state`],
-//! [`select`] and [`checker`]. The binding, thin on top: the `py_*` modules
-//! and the `_core` module defined here.
+//! Layers, each using only those above it in this list:
+//! - [`net`]: deadline-bounded sockets, TLS, failures;
+//! - [`engines`]: the PostgreSQL and MySQL/MariaDB protocols on top;
+//! - [`checker`]: the pure decision core (settings, health, selection,
+//!   scheduler), with no Python types;
+//! - `binding`: the `_core` Python module over the checker.
 
 pub mod checker;
-pub mod config;
-pub mod mysql;
-pub mod postgres;
-pub mod probe;
-pub mod select;
-pub mod state;
-pub mod tls;
-pub mod value;
+pub mod engines;
+pub mod net;
 
-mod py_checker;
-mod py_log;
-mod py_router;
-mod py_value;
-
-use pyo3::exceptions::PyValueError;
-use pyo3::prelude::*;
-use pyo3::types::PyString;
-
-use py_checker::{status_rows, wait_detached, with_runtime, StatusRow};
-
-/// The alias to write to in `group` (default: the first group).
-///
-/// The hot path: it reads the latest published snapshot, with no I/O, lock
-/// or allocation.
-#[pyfunction]
-#[pyo3(signature = (group=None))]
-fn available_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
-    with_runtime(py, |runtime| {
-        runtime.writer(py, runtime.group_index(group)?)
-    })
-}
-
-/// The alias to read from in `group` (default: the first group): a fresh
-/// standby when `READS` allows, else the writer.
-#[pyfunction]
-#[pyo3(signature = (group=None))]
-fn read_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
-    with_runtime(py, |runtime| {
-        runtime.reader(py, runtime.group_index(group)?)
-    })
-}
-
-/// Status rows for every alias (of `group`).
-#[pyfunction]
-#[pyo3(signature = (group=None))]
-fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<StatusRow>> {
-    with_runtime(py, |runtime| {
-        let group = group
-            .map(|name| runtime.group_index(Some(name)))
-            .transpose()?;
-        Ok(status_rows(runtime, group))
-    })
-}
-
-/// Runs a probe round of `group` (or all groups) now and waits for it.
-#[pyfunction]
-#[pyo3(signature = (group=None))]
-fn check_now(py: Python<'_>, group: Option<&str>) -> PyResult<bool> {
-    with_runtime(py, |runtime| {
-        let group = group
-            .map(|name| runtime.group_index(Some(name)))
-            .transpose()?;
-        let ticket = runtime.checker.request_round(group);
-        // A queued round may have to wait for the one in flight.
-        let limit = runtime.config().timing.connect_timeout * 2 + std::time::Duration::from_secs(1);
-        wait_detached(py, limit, |slice| {
-            runtime.checker.wait_for_round(ticket, slice)
-        })
-    })
-}
-
-/// Reports that the application saw `alias` fail: re-probes its group now.
-#[pyfunction]
-fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
-    with_runtime(py, |runtime| {
-        let node = runtime.node_index(alias).ok_or_else(|| {
-            let known: Vec<_> = runtime
-                .config()
-                .nodes
-                .iter()
-                .map(|n| format!("'{}'", n.alias))
-                .collect();
-            PyValueError::new_err(format!(
-                "dbha does not watch alias '{alias}'; it watches {}",
-                known.join(", ")
-            ))
-        })?;
-        runtime.checker.report_failure(node);
-        Ok(())
-    })
-}
-
-/// Stops the health checker and waits for its threads. The next call starts
-/// a new one.
-#[pyfunction]
-fn close(py: Python<'_>) {
-    py_checker::reset(py, true);
-}
-
-/// Counts `dbha.use_writer()` blocks entered (`True`) and left.
-#[pyfunction]
-fn count_writer_pin(entered: bool) {
-    py_checker::count_writer_pin(entered);
-}
-
-/// Forgets the configuration (settings changed); the next call re-reads it.
-#[pyfunction]
-fn reset(py: Python<'_>) {
-    py_checker::reset(py, false);
-}
-
-/// Raises `ImproperlyConfigured` if these settings cannot be used.
-#[pyfunction]
-fn validate_settings(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyResult<()> {
-    py_checker::config_from(databases, dbha).map(drop)
-}
-
-#[pymodule(gil_used = true)]
-fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    py_checker::install_fork_handler();
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add_class::<py_router::ModelDatabaseRouter>()?;
-    m.add_function(wrap_pyfunction!(available_db, m)?)?;
-    m.add_function(wrap_pyfunction!(read_db, m)?)?;
-    m.add_function(wrap_pyfunction!(status, m)?)?;
-    m.add_function(wrap_pyfunction!(check_now, m)?)?;
-    m.add_function(wrap_pyfunction!(report_failure, m)?)?;
-    m.add_function(wrap_pyfunction!(close, m)?)?;
-    m.add_function(wrap_pyfunction!(reset, m)?)?;
-    m.add_function(wrap_pyfunction!(count_writer_pin, m)?)?;
-    m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
-    Ok(())
-}
+mod binding;

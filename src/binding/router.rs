@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use crate::py_checker::with_runtime;
+use super::runtime::with_runtime;
 
 /// Routes every model's reads and writes to its group's healthy writer.
 ///

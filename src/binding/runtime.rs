@@ -13,11 +13,11 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
+use super::log as py_log;
+use super::value::to_value;
+use crate::checker::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
-use crate::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
-use crate::probe::Role;
-use crate::py_log;
-use crate::py_value::to_value;
+use crate::engines::Role;
 
 pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
 pyo3::import_exception!(dbha.exceptions, NoHealthyDatabase);

@@ -21,10 +21,12 @@ use arc_swap::{ArcSwap, Guard};
 use log::{error, info, warn};
 use parking_lot::{Condvar, Mutex};
 
-use crate::config::{Config, Node, OnAllDown};
-use crate::probe::{Failure, NodeProbe, Observation};
-use crate::select::{choose_readers, choose_writer, fastest_reader};
-use crate::state::{Health, NodeHealth, ProbeOutcome};
+use super::config::{Config, Node, OnAllDown};
+use super::node::NodeProbe;
+use super::select::{choose_readers, choose_writer, fastest_reader};
+use super::state::{Health, NodeHealth, ProbeOutcome};
+use crate::engines::Observation;
+use crate::net::Failure;
 
 /// How long past the probe deadline the scheduler waits for a probe thread.
 const GRACE: Duration = Duration::from_millis(50);
@@ -49,13 +51,13 @@ pub struct NetworkProber;
 
 impl Prober for NetworkProber {
     fn for_node(&self, node: &Node) -> Box<dyn NodeProber> {
-        Box::new(NodeProbe::new(node.clone()))
+        Box::new(NodeProbe::new(node))
     }
 }
 
 impl NodeProber for NodeProbe {
     fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
-        NodeProbe::probe(self, timeout)
+        NodeProbe::probe(self, timeout, false)
     }
 }
 
@@ -131,7 +133,7 @@ impl Snapshot {
                 format!(
                     "{} ({}): {}{fenced}",
                     node.alias,
-                    node.endpoint,
+                    node.server.endpoint,
                     self.nodes[i].describe()
                 )
             })
@@ -797,12 +799,15 @@ fn log_change(node: &Node, health: &NodeHealth, change: Health) {
     let latency = health.latency.unwrap_or_default().as_secs_f64() * 1000.0;
     match (change, &health.last_error) {
         (Health::Down, Some(failure)) => {
-            warn!("{} ({}) is down: {failure}", node.alias, node.endpoint);
+            warn!(
+                "{} ({}) is down: {failure}",
+                node.alias, node.server.endpoint
+            );
         }
         _ => info!(
             "{} ({}) is {} ({latency:.1} ms)",
             node.alias,
-            node.endpoint,
+            node.server.endpoint,
             change.as_str()
         ),
     }
@@ -811,8 +816,8 @@ fn log_change(node: &Node, health: &NodeHealth, change: Health) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probe::Role;
-    use crate::value::Value;
+    use crate::checker::value::Value;
+    use crate::engines::Role;
     use parking_lot::RwLock;
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -867,7 +872,7 @@ mod tests {
             let role = |role, lag| Observation {
                 role: Some(role),
                 lag,
-                timeline: None,
+                ..Observation::default()
             };
             match answer {
                 Answer::Up => Ok(Observation::default()),

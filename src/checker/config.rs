@@ -12,39 +12,12 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::value::Value;
+use super::value::Value;
+use crate::engines::{Engine, Login, Secret, Server};
+use crate::net::{Endpoint, SslMode, Tls};
 
 /// The group `DBHA["DATABASES"]` (or the default) defines.
 pub const DEFAULT_GROUP: &str = "default";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Engine {
-    PostgreSql,
-    MySql,
-    /// Any other server engine; it has no protocol-aware probe.
-    Other,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// Host name or IP literal (resolved at every probe, so DNS changes are
-    /// followed) and port.
-    Tcp {
-        host: String,
-        port: u16,
-    },
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Self::Tcp { host, port } => write!(f, "{host}:{port}"),
-            Self::Unix(path) => write!(f, "{}", path.display()),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeKind {
@@ -66,54 +39,6 @@ impl ProbeKind {
             _ => None,
         }
     }
-}
-
-/// A password: never printed, not even by `Debug`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// Who the `role` probe logs in as, and where.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Login {
-    pub user: String,
-    pub password: Option<Secret>,
-    /// The database to connect to; empty for none (MySQL).
-    pub database: String,
-}
-
-/// TLS use, with libpq's `sslmode` meanings (MySQL's `ssl_mode` maps onto
-/// them: `DISABLED`, `PREFERRED`, `REQUIRED`, `VERIFY_CA`, `VERIFY_IDENTITY`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Allow,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tls {
-    pub mode: SslMode,
-    /// CA certificates (PEM) to verify the server with.
-    pub root_cert: Option<PathBuf>,
 }
 
 /// Where reads go.
@@ -167,10 +92,9 @@ pub struct Node {
     pub alias: String,
     pub group: usize,
     pub engine: Engine,
-    pub endpoint: Endpoint,
     pub probe: ProbeKind,
-    pub login: Login,
-    pub tls: Tls,
+    /// How to reach it and log in (the `role` probe).
+    pub server: Server,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -316,10 +240,12 @@ impl Config {
                     alias,
                     group,
                     engine,
-                    endpoint,
                     probe,
-                    login,
-                    tls,
+                    server: Server {
+                        endpoint,
+                        login,
+                        tls,
+                    },
                 });
             }
             if nodes.len() - start > MAX_GROUP_SIZE {
@@ -1055,7 +981,7 @@ mod tests {
         assert_eq!(c.failback, Failback::Sticky);
         assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Role));
         assert_eq!(
-            c.nodes[2].endpoint,
+            c.nodes[2].server.endpoint,
             Endpoint::Tcp {
                 host: "db3.example".into(),
                 port: 5433
@@ -1305,6 +1231,7 @@ mod tests {
             Config::from_settings(&map(&[("db", entry)]), &Value::None)
                 .unwrap()
                 .nodes[0]
+                .server
                 .endpoint
                 .clone()
         };

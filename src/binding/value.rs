@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
-use crate::value::Value;
+use crate::checker::value::Value;
 
 /// Deep enough for `DBHA` and `DATABASES`; stops self-referencing lists.
 const MAX_DEPTH: usize = 8;

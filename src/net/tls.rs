@@ -1,5 +1,5 @@
-//! TLS for the `role` probes: a rustls client configuration per node, with
-//! libpq's verification levels (MySQL's `ssl_mode` maps onto them).
+//! The TLS client configuration for one server: rustls with libpq's
+//! verification levels (MySQL's `ssl_mode` maps onto them).
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -14,8 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-use crate::config::{SslMode, Tls};
-use crate::probe::Failure;
+use super::{Failure, SslMode, Tls};
 
 /// What a session needs to start TLS with one server.
 pub struct ClientTls {

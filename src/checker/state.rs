@@ -2,7 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::probe::{Failure, Observation, Role};
+use crate::engines::{Observation, Role};
+use crate::net::Failure;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -45,7 +46,7 @@ pub struct NodeHealth {
     /// unless the node uses the `role` probe).
     pub role: Option<Role>,
     pub lag: Option<Duration>,
-    pub timeline: Option<u32>,
+    pub timeline: Option<u64>,
 }
 
 impl Default for NodeHealth {

@@ -3,9 +3,9 @@
 
 use std::ops::Range;
 
-use crate::config::{Failback, ReadMode, Reads};
-use crate::probe::Role;
-use crate::state::NodeHealth;
+use super::config::{Failback, ReadMode, Reads};
+use super::state::NodeHealth;
+use crate::engines::Role;
 
 /// The group's writer after a probe round, or `None` when there is none.
 ///
@@ -130,7 +130,7 @@ fn newest(nodes: &[NodeHealth], candidates: impl Iterator<Item = usize>) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Health;
+    use crate::checker::state::Health;
 
     use Health::{Down, Unknown, Up};
 
@@ -281,7 +281,7 @@ mod tests {
         Reads {
             mode,
             max_lag: std::time::Duration::from_secs(5),
-            balance: crate::config::Balance::RoundRobin,
+            balance: crate::checker::config::Balance::RoundRobin,
             writer_only: Vec::new(),
         }
     }

@@ -1,0 +1,601 @@
+//! PostgreSQL: the `role` probe's session (logged in once, then asked role,
+//! lag, timeline and WAL position every round), the `handshake` probe, and
+//! the check that the postmaster still starts new sessions.
+
+mod scram;
+mod session;
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use postgres_protocol::message::backend::Message;
+
+use crate::engines::{Observation, Role, Server, Session};
+use crate::net::{self, Endpoint, Failure};
+use session::{ssl_request_answer, startup_message, Connection, SSL_REQUEST};
+
+/// Role, replay lag (seconds), timeline and WAL position, in one round trip.
+///
+/// `pg_is_in_recovery()` is read once (a volatile function keeps the
+/// subquery from being flattened), so a promotion mid-statement cannot mix
+/// answers. A standby is caught up (lag 0) while its WAL receiver is connected
+/// and has replayed all it received; otherwise its lag is the age of the last
+/// replayed commit, which keeps growing while it is cut off from its primary,
+/// and is NULL (unknown) if it has replayed nothing since it started. A
+/// primary's lag is 0: reads there are never stale. Its timeline is the one in
+/// the name of the WAL file it writes. The position is the primary's WAL
+/// insert location (past every commit made so far, also asynchronous ones) or
+/// the standby's replay location, in bytes. PostgreSQL 10 or later.
+const ROLE_QUERY: &str = "\
+SELECT standby,
+       CASE WHEN NOT standby THEN 0
+            WHEN pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn()
+                 AND EXISTS (SELECT FROM pg_stat_wal_receiver) THEN 0
+            ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())
+       END,
+       CASE WHEN NOT standby
+            THEN ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+       END,
+       CASE WHEN standby THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END
+         - '0/0'::pg_lsn
+FROM (SELECT pg_is_in_recovery() AS standby) AS recovery";
+
+/// How long dropping a session may spend saying goodbye.
+const TERMINATE_WAIT: Duration = Duration::from_millis(50);
+
+pub fn open_session(server: &Server, deadline: Instant) -> Result<Box<dyn Session>, Failure> {
+    Ok(Box::new(PgSession {
+        connection: session::log_in(server, deadline)?,
+    }))
+}
+
+/// The `handshake` probe: an SSLRequest, which the postmaster answers (`S`
+/// or `N`) itself before any authentication; a client that then hangs up
+/// leaves no complaint in the server log.
+pub fn handshake(endpoint: &Endpoint, deadline: Instant) -> Result<(), Failure> {
+    let mut wire = net::connect(endpoint, deadline)?;
+    wire.send(&SSL_REQUEST)?;
+    let mut answer = [0u8; 1];
+    wire.receive_exact(&mut answer)?;
+    match answer[0] {
+        b'S' | b'N' => Ok(()),
+        other => Err(ssl_request_answer(other)),
+    }
+}
+
+/// Whether a new session would start: a start-up packet on a fresh
+/// connection, answered by the backend the postmaster forks for it. Any
+/// authentication request means yes, and so does a refusal of who we are
+/// (`pg_hba.conf`, an unknown database): the server is taking sessions. No
+/// answer (a stuck postmaster), a refused connection, or an error such as
+/// 53300 (no free connection slot) or 57P03 (starting up, shutting down)
+/// means no. It never logs in.
+pub fn check_new_sessions(server: &Server, deadline: Instant) -> Result<(), Failure> {
+    let mut connection = Connection::plain(net::connect(&server.endpoint, deadline)?);
+    connection.send(&startup_message(&server.login)?)?;
+    let result = match connection.receive()? {
+        (_, Message::ErrorResponse(body)) => match session::startup_failure(body.fields()) {
+            Failure::Auth(_) => Ok(()),
+            refusal => Err(refusal),
+        },
+        (_, Message::AuthenticationOk) => {
+            connection.terminate(Instant::now() + TERMINATE_WAIT);
+            Ok(())
+        }
+        (b'R', _) => Ok(()),
+        (tag, _) => Err(session::unexpected(tag)),
+    };
+    result
+}
+
+struct PgSession {
+    connection: Connection,
+}
+
+impl Session for PgSession {
+    fn observe(&mut self, deadline: Instant) -> Result<Observation, Failure> {
+        let row = self.connection.query_row(ROLE_QUERY, deadline)?;
+        parse_role_row(&row)
+    }
+
+    fn socket(&self) -> RawFd {
+        self.connection.transport().as_raw_fd()
+    }
+
+    fn on_readable(&mut self, deadline: Instant) -> Result<(), Failure> {
+        self.connection.set_deadline(deadline);
+        self.connection.take_unsolicited()
+    }
+}
+
+impl Drop for PgSession {
+    fn drop(&mut self) {
+        // Best effort: a server that is gone gets nothing.
+        self.connection.terminate(Instant::now() + TERMINATE_WAIT);
+    }
+}
+
+/// The role query's row: `[in recovery, lag seconds, timeline, position]`.
+fn parse_role_row(row: &[Option<String>]) -> Result<Observation, Failure> {
+    let bad = |what: &str| {
+        Failure::BadHandshake(net::one_line(&format!(
+            "role query returned {what}: {row:?}"
+        )))
+    };
+    let [standby, lag, timeline, position] = row else {
+        return Err(bad("the wrong number of columns"));
+    };
+    let role = match standby.as_deref() {
+        Some("f") => Role::Primary,
+        Some("t") => Role::Standby,
+        _ => return Err(bad("no boolean for pg_is_in_recovery()")),
+    };
+    let lag = match lag.as_deref() {
+        None => None,
+        Some(text) => {
+            let seconds = text
+                .parse::<f64>()
+                .ok()
+                .filter(|seconds| !seconds.is_nan())
+                .ok_or_else(|| bad("a lag that is not a number"))?;
+            // Clocks of primary and standby may disagree by a little.
+            Some(
+                Duration::try_from_secs_f64(seconds.max(0.0))
+                    .map_err(|_| bad("an impossible lag"))?,
+            )
+        }
+    };
+    let timeline = match timeline.as_deref() {
+        None => None,
+        Some(text) => Some(u64::from(
+            text.parse::<u32>()
+                .map_err(|_| bad("a timeline that is not a number"))?,
+        )),
+    };
+    let position = match position.as_deref() {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u64>()
+                .map_err(|_| bad("a WAL position that is not a number"))?,
+        ),
+    };
+    Ok(Observation {
+        role: Some(role),
+        lag,
+        timeline,
+        position,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engines::{Login, Secret};
+    use crate::net::{SslMode, Tls};
+    use postgres_protocol::authentication::md5_hash;
+    use session::is_auth_code;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::mpsc;
+    use std::thread;
+
+    fn node(port: u16, mode: SslMode, password: Option<&str>) -> Server {
+        Server {
+            endpoint: Endpoint::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            login: Login {
+                user: "u".into(),
+                password: password.map(Secret::new),
+                database: "postgres".into(),
+            },
+            tls: Tls {
+                mode,
+                root_cert: None,
+            },
+        }
+    }
+
+    fn connect(server: &Server, deadline: Instant) -> Result<Box<dyn Session>, Failure> {
+        open_session(server, deadline)
+    }
+
+    fn soon(millis: u64) -> Instant {
+        Instant::now() + Duration::from_millis(millis)
+    }
+
+    fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+        values.iter().map(|v| v.map(str::to_owned)).collect()
+    }
+
+    #[test]
+    fn role_rows() {
+        let primary =
+            parse_role_row(&row(&[Some("f"), Some("0"), Some("3"), Some("50331808")])).unwrap();
+        assert_eq!(
+            primary,
+            Observation {
+                role: Some(Role::Primary),
+                lag: Some(Duration::ZERO),
+                timeline: Some(3),
+                position: Some(50_331_808),
+            }
+        );
+        let standby =
+            parse_role_row(&row(&[Some("t"), Some("2.500000"), None, Some("7")])).unwrap();
+        assert_eq!(standby.role, Some(Role::Standby));
+        assert_eq!(standby.lag, Some(Duration::from_millis(2500)));
+        assert_eq!((standby.timeline, standby.position), (None, Some(7)));
+        // Nothing replayed yet: unknown; clock skew: clamped.
+        assert_eq!(
+            parse_role_row(&row(&[Some("t"), None, None, None]))
+                .unwrap()
+                .lag,
+            None
+        );
+        assert_eq!(
+            parse_role_row(&row(&[Some("t"), Some("-0.004"), None, None]))
+                .unwrap()
+                .lag,
+            Some(Duration::ZERO)
+        );
+        // Timelines go up to 2^32 - 1.
+        assert_eq!(
+            parse_role_row(&row(&[Some("f"), Some("0"), Some("4294967295"), None]))
+                .unwrap()
+                .timeline,
+            Some(u64::from(u32::MAX))
+        );
+        for bad in [
+            row(&[Some("x"), Some("0"), None, None]),
+            row(&[None, Some("0"), None, None]),
+            row(&[Some("t"), Some("soon"), None, None]),
+            row(&[Some("t"), Some("NaN"), None, None]),
+            row(&[Some("f"), Some("0"), Some("-1"), None]),
+            row(&[Some("f"), Some("0"), Some("1"), Some("0/0")]),
+            row(&[Some("f"), Some("0"), Some("1")]),
+        ] {
+            assert!(
+                matches!(parse_role_row(&bad), Err(Failure::BadHandshake(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn auth_codes() {
+        assert!(is_auth_code("28P01"));
+        assert!(is_auth_code("28000"));
+        assert!(is_auth_code("3D000"));
+        assert!(!is_auth_code("57P03"));
+        assert!(!is_auth_code("53300"));
+        assert!(!is_auth_code(""));
+    }
+
+    #[test]
+    fn verify_modes_need_a_root_cert() {
+        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
+            let failure = connect(&node(1, mode, None), soon(500)).err().unwrap();
+            assert_eq!(
+                failure,
+                Failure::Tls(
+                    "verifying the server certificate needs a CA file (sslrootcert)".into()
+                )
+            );
+        }
+        let mut missing = node(1, SslMode::Require, None);
+        missing.tls.root_cert = Some("/nonexistent/root.crt".into());
+        let failure = connect(&missing, soon(500)).err().unwrap();
+        assert!(
+            matches!(&failure, Failure::Tls(e) if e.starts_with("cannot read sslrootcert /nonexistent/root.crt")),
+            "{failure:?}"
+        );
+        let junk = std::env::temp_dir().join(format!("dbha-junk-{}.pem", std::process::id()));
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        missing.tls.root_cert = Some(junk.clone());
+        let failure = connect(&missing, soon(500)).err().unwrap();
+        std::fs::remove_file(&junk).unwrap();
+        assert!(matches!(failure, Failure::Tls(_)), "{failure:?}");
+    }
+
+    // --- a scripted server speaking the wire protocol ----------------------
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&u32::try_from(body.len() + 4).unwrap().to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn auth(code: u32, extra: &[u8]) -> Vec<u8> {
+        let mut body = code.to_be_bytes().to_vec();
+        body.extend_from_slice(extra);
+        message(b'R', &body)
+    }
+
+    fn error(code: &str, text: &str) -> Vec<u8> {
+        let body = format!("SFATAL\0C{code}\0M{text}\0\0");
+        message(b'E', body.as_bytes())
+    }
+
+    fn ready() -> Vec<u8> {
+        message(b'Z', b"I")
+    }
+
+    fn data_row(values: &[Option<&str>]) -> Vec<u8> {
+        let mut body = u16::try_from(values.len()).unwrap().to_be_bytes().to_vec();
+        for value in values {
+            match value {
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+                Some(v) => {
+                    body.extend_from_slice(&u32::try_from(v.len()).unwrap().to_be_bytes());
+                    body.extend_from_slice(v.as_bytes());
+                }
+            }
+        }
+        message(b'D', &body)
+    }
+
+    /// The startup packet: length-prefixed, no type byte.
+    fn read_startup(stream: &mut TcpStream) -> Vec<u8> {
+        let mut length = [0u8; 4];
+        stream.read_exact(&mut length).unwrap();
+        let mut body = vec![0u8; usize::try_from(u32::from_be_bytes(length)).unwrap() - 4];
+        stream.read_exact(&mut body).unwrap();
+        body
+    }
+
+    fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut header = [0u8; 5];
+        stream.read_exact(&mut header).unwrap();
+        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        let mut body = vec![0u8; usize::try_from(length).unwrap() - 4];
+        stream.read_exact(&mut body).unwrap();
+        (header[0], body)
+    }
+
+    /// Serves one connection with `script`; what it received comes back on
+    /// the channel once the client has left.
+    fn serve(
+        script: impl FnOnce(&mut TcpStream) + Send + 'static,
+    ) -> (u16, mpsc::Receiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (sender, receiver) = mpsc::channel();
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            script(&mut stream);
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+            let _ = sender.send(rest);
+        });
+        (port, receiver)
+    }
+
+    fn greet(stream: &mut TcpStream) {
+        let startup = read_startup(stream);
+        let text = String::from_utf8_lossy(&startup);
+        assert!(text.contains("user\0u\0database\0postgres\0application_name\0dbha\0"));
+        let mut reply = auth(0, b"");
+        reply.extend(message(b'S', b"in_hot_standby\0off\0"));
+        reply.extend(message(b'K', &[0, 0, 0, 7, 0, 0, 0, 9]));
+        reply.extend(ready());
+        stream.write_all(&reply).unwrap();
+    }
+
+    #[test]
+    fn one_connection_answers_every_round_and_says_goodbye() {
+        let (port, received) = serve(|stream| {
+            greet(stream);
+            for answer in [
+                [Some("f"), Some("0"), Some("2"), Some("100")],
+                [Some("t"), Some("1.25"), None, Some("90")],
+            ] {
+                let (tag, sql) = read_message(stream);
+                assert_eq!(
+                    (tag, sql.as_slice()),
+                    (b'Q', format!("{ROLE_QUERY}\0").as_bytes())
+                );
+                let mut reply = message(b'T', &[0, 0]);
+                // Asynchronous messages may come in between.
+                reply.extend(message(b'N', b"SWARNING\0C01000\0Mhello\0\0"));
+                reply.extend(message(b'S', b"TimeZone\0UTC\0"));
+                reply.extend(data_row(&answer));
+                reply.extend(message(b'C', b"SELECT 1\0"));
+                reply.extend(ready());
+                stream.write_all(&reply).unwrap();
+            }
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        let first = session.observe(soon(2000)).unwrap();
+        assert_eq!((first.role, first.timeline), (Some(Role::Primary), Some(2)));
+        let second = session.observe(soon(2000)).unwrap();
+        assert_eq!(second.role, Some(Role::Standby));
+        assert_eq!(second.lag, Some(Duration::from_millis(1250)));
+        drop(session);
+        assert_eq!(received.recv().unwrap(), message(b'X', b""));
+    }
+
+    #[test]
+    fn passwords_cleartext_and_md5() {
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream.write_all(&auth(3, b"")).unwrap();
+            assert_eq!(read_message(stream), (b'p', b"hunter2\0".to_vec()));
+            stream.write_all(&auth(0, b"")).unwrap();
+            stream.write_all(&ready()).unwrap();
+        });
+        assert!(connect(&node(port, SslMode::Disable, Some("hunter2")), soon(2000)).is_ok());
+
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream.write_all(&auth(5, &[1, 2, 3, 4])).unwrap();
+            let expected = md5_hash(b"u", b"hunter2", [1, 2, 3, 4]);
+            assert_eq!(
+                read_message(stream),
+                (b'p', format!("{expected}\0").into_bytes())
+            );
+            stream
+                .write_all(&error(
+                    "28P01",
+                    "password authentication failed for user \"u\"",
+                ))
+                .unwrap();
+        });
+        let failure = connect(&node(port, SslMode::Disable, Some("hunter2")), soon(2000))
+            .err()
+            .unwrap();
+        assert_eq!(
+            failure,
+            Failure::Auth("password authentication failed for user \"u\"".into())
+        );
+        assert!(!format!("{failure} {failure:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn password_asked_but_none_configured() {
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).unwrap();
+        });
+        let failure = connect(&node(port, SslMode::Disable, None), soon(2000))
+            .err()
+            .unwrap();
+        assert_eq!(
+            failure,
+            Failure::Auth("password required but none configured".into())
+        );
+    }
+
+    #[test]
+    fn startup_errors() {
+        for (code, expected) in [
+            ("3D000", Failure::Auth("nope".into())),
+            ("28000", Failure::Auth("nope".into())),
+            ("57P03", Failure::ServerError("57P03 nope".into())),
+            ("53300", Failure::ServerError("53300 nope".into())),
+        ] {
+            let (port, _) = serve(move |stream| {
+                read_startup(stream);
+                let mut reply = auth(0, b"");
+                reply.extend(error(code, "nope"));
+                stream.write_all(&reply).unwrap();
+            });
+            let failure = connect(&node(port, SslMode::Disable, None), soon(2000)).err();
+            assert_eq!(failure, Some(expected));
+        }
+    }
+
+    #[test]
+    fn query_errors_closes_and_garbage() {
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            read_message(stream);
+            stream
+                .write_all(&error(
+                    "57P01",
+                    "terminating connection due to administrator command",
+                ))
+                .unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        assert_eq!(
+            session.observe(soon(2000)),
+            Err(Failure::ServerError(
+                "57P01 terminating connection due to administrator command".into()
+            ))
+        );
+
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            read_message(stream);
+            stream.shutdown(std::net::Shutdown::Both).unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        assert_eq!(session.observe(soon(2000)), Err(Failure::Closed));
+
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                .unwrap();
+        });
+        let failure = connect(&node(port, SslMode::Disable, None), soon(2000))
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::BadHandshake(_)), "{failure:?}");
+    }
+
+    #[test]
+    fn silent_server_times_out_at_the_deadline() {
+        // Accepts (the kernel does that) and never answers, like a SIGSTOPped postmaster.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for mode in [SslMode::Disable, SslMode::Prefer] {
+            let began = Instant::now();
+            let failure = connect(&node(port, mode, None), soon(300)).err();
+            assert_eq!(failure, Some(Failure::Timeout));
+            let took = began.elapsed();
+            assert!(
+                took >= Duration::from_millis(290) && took < Duration::from_millis(600),
+                "{took:?}"
+            );
+        }
+
+        // Logged in, then hung mid-session.
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            read_message(stream);
+            thread::sleep(Duration::from_secs(2));
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        let began = Instant::now();
+        assert_eq!(session.observe(soon(300)), Err(Failure::Timeout));
+        assert!(began.elapsed() < Duration::from_millis(600));
+    }
+
+    #[test]
+    fn sslrequest_answers() {
+        let refusing = |answer: &'static [u8]| {
+            serve(move |stream| {
+                let mut request = [0u8; 8];
+                stream.read_exact(&mut request).unwrap();
+                assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+                stream.write_all(answer).unwrap();
+            })
+            .0
+        };
+        let port = refusing(b"N");
+        assert_eq!(
+            connect(&node(port, SslMode::Require, None), soon(2000)).err(),
+            Some(Failure::Tls("server does not support TLS".into()))
+        );
+        let port = refusing(b"X");
+        assert!(matches!(
+            connect(&node(port, SslMode::Require, None), soon(2000)).err(),
+            Some(Failure::BadHandshake(_))
+        ));
+
+        // prefer: 'N' means carry on in plain text on the same connection.
+        let (port, _) = serve(|stream| {
+            let mut request = [0u8; 8];
+            stream.read_exact(&mut request).unwrap();
+            stream.write_all(b"N").unwrap();
+            greet(stream);
+        });
+        assert!(connect(&node(port, SslMode::Prefer, None), soon(2000)).is_ok());
+    }
+
+    #[test]
+    fn oversized_message_is_refused() {
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream.write_all(&[b'R', 0x7f, 0xff, 0xff, 0xff]).unwrap();
+        });
+        let failure = connect(&node(port, SslMode::Disable, None), soon(2000))
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::BadHandshake(_)), "{failure:?}");
+    }
+}

@@ -1,0 +1,143 @@
+//! Why a probe failed, in words short and safe enough for a status line.
+
+use std::fmt;
+use std::io;
+
+/// Why a probe failed, short enough for a status line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Dns(String),
+    Refused,
+    Timeout,
+    /// Any other connect or I/O error, as the OS words it.
+    Network(String),
+    /// The server closed the connection before it answered.
+    Closed,
+    /// The server answered something that is not its protocol.
+    BadHandshake(String),
+    /// The server answered with an error (e.g. too many connections).
+    ServerError(String),
+    /// The server refused our credentials (the message is the server's; it
+    /// never contains the password).
+    Auth(String),
+    /// TLS could not be set up or the certificate did not verify.
+    Tls(String),
+    /// The kept session answers, but a fresh connection fails: the server
+    /// takes no new sessions (a stuck postmaster, no free connection slot).
+    NoNewSessions(Box<Failure>),
+    /// A bug: the probe panicked. Reported rather than hidden.
+    Internal(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dns(e) => write!(f, "DNS failure: {e}"),
+            Self::Refused => f.write_str("connection refused"),
+            Self::Timeout => f.write_str("timeout"),
+            Self::Network(e) => write!(f, "network error: {e}"),
+            Self::Closed => f.write_str("closed by server before answering"),
+            Self::BadHandshake(e) => write!(f, "bad handshake: {e}"),
+            Self::ServerError(e) => write!(f, "server error: {e}"),
+            Self::Auth(e) => write!(f, "authentication failed: {e}"),
+            Self::Tls(e) => write!(f, "TLS: {e}"),
+            Self::NoNewSessions(e) => {
+                write!(
+                    f,
+                    "new connections fail ({e}) while the open session answers"
+                )
+            }
+            Self::Internal(e) => write!(f, "internal error: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for Failure {
+    /// rustls reports its own errors (a certificate that does not verify, an
+    /// alert) inside `io::Error`s; everything else is the OS's.
+    fn from(e: io::Error) -> Self {
+        if let Some(tls) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Self::Tls(one_line(&tls.to_string()));
+        }
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Self::Refused,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Self::Timeout,
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Self::Closed,
+            _ => Self::Network(one_line(&e.to_string())),
+        }
+    }
+}
+
+impl From<rustls::Error> for Failure {
+    fn from(e: rustls::Error) -> Self {
+        Self::Tls(one_line(&e.to_string()))
+    }
+}
+
+/// Server text is quoted in status lines, exceptions and logs: at most this
+/// many characters.
+pub const MAX_QUOTE: usize = 300;
+
+/// `text` as one bounded line: runs of whitespace and control characters
+/// (newlines that would forge log lines, escapes, NULs) become one space,
+/// and anything past `MAX_QUOTE` characters is cut with an ellipsis. It
+/// looks at no more of `text` than it keeps, however long `text` is.
+pub fn one_line(text: &str) -> String {
+    let mut line = String::new();
+    let mut kept = 0;
+    let mut gap = false;
+    for c in text.chars() {
+        if c.is_whitespace() || c.is_control() {
+            gap = !line.is_empty();
+            continue;
+        }
+        if kept + usize::from(gap) + 1 > MAX_QUOTE {
+            line.push('…');
+            break;
+        }
+        if gap {
+            line.push(' ');
+            gap = false;
+            kept += 1;
+        }
+        line.push(c);
+        kept += 1;
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_quotes() {
+        assert_eq!(one_line("a\n  b\tc "), "a b c");
+        assert_eq!(
+            one_line("\n\nx\r\n[fake] log line\x1b[0m\0"),
+            "x [fake] log line [0m"
+        );
+        let long = "é".repeat(MAX_QUOTE + 10);
+        assert_eq!(one_line(&long).chars().count(), MAX_QUOTE + 1);
+        let huge = "line\n".repeat(200_000);
+        let quoted = one_line(&huge);
+        assert!(quoted.chars().count() <= MAX_QUOTE + 1);
+        assert!(!quoted.contains('\n'));
+    }
+
+    #[test]
+    fn io_errors_map_to_failures() {
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(Failure::from(refused), Failure::Refused);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(Failure::from(reset), Failure::Closed);
+        let tls = io::Error::new(io::ErrorKind::InvalidData, rustls::Error::DecryptError);
+        assert!(matches!(Failure::from(tls), Failure::Tls(_)));
+    }
+}
