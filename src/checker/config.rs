@@ -68,6 +68,9 @@ pub struct Reads {
     /// Lower-cased `"app_label"` or `"app_label.modelname"` whose reads stay
     /// on the writer whatever `mode` says (sessions, auth).
     pub writer_only: Vec<String>,
+    /// After a write, reads in the same context go only to standbys that
+    /// have it (`READ_YOUR_WRITES`).
+    pub read_your_writes: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +117,12 @@ pub struct Timing {
     /// Fraction of `check_interval` by which each round start is randomised,
     /// so that many processes do not probe in lockstep.
     pub jitter: f64,
+    /// Between the rounds of a group that has no writer, or whose writer is
+    /// suspect (`fastinter` in `HAProxy`).
+    pub fast_interval: Duration,
+    /// How often the writer must also accept a fresh connection; `None`
+    /// only when the application reports a failure.
+    pub listener_check_interval: Option<Duration>,
 }
 
 impl Default for Timing {
@@ -124,6 +133,8 @@ impl Default for Timing {
             rise: 2,
             fall: 2,
             jitter: 0.1,
+            fast_interval: Duration::from_millis(100),
+            listener_check_interval: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -140,6 +151,10 @@ pub struct Config {
     pub failback: Failback,
     pub reads: Reads,
 }
+
+/// The shortest interval or deadline: anything shorter is a typo, and would
+/// turn the checker into a load generator.
+const MIN_TIMING: Duration = Duration::from_millis(10);
 
 /// The most nodes in one group: the read routes are a 64-bit mask.
 pub const MAX_GROUP_SIZE: usize = 64;
@@ -177,6 +192,9 @@ const KNOWN_KEYS: &[&str] = &[
     "MAX_REPLICA_LAG",
     "LOAD_BALANCE",
     "WRITER_READS",
+    "READ_YOUR_WRITES",
+    "FAST_INTERVAL",
+    "LISTENER_CHECK_INTERVAL",
 ];
 
 fn dbha_key(key: &str) -> String {
@@ -552,7 +570,11 @@ impl<'a> Settings<'a> {
                 ],
                 ReadMode::Writer,
             )?,
-            max_lag: self.seconds("MAX_REPLICA_LAG", Duration::from_secs(5))?,
+            max_lag: self.seconds(
+                "MAX_REPLICA_LAG",
+                Duration::from_secs(5),
+                Duration::from_millis(100),
+            )?,
             balance: self.choice(
                 "LOAD_BALANCE",
                 &[
@@ -563,6 +585,7 @@ impl<'a> Settings<'a> {
                 Balance::RoundRobin,
             )?,
             writer_only,
+            read_your_writes: self.flag("READ_YOUR_WRITES", true)?,
         })
     }
 
@@ -609,8 +632,22 @@ impl<'a> Settings<'a> {
     fn timing(&self) -> Result<Timing, ConfigError> {
         let defaults = Timing::default();
         Ok(Timing {
-            check_interval: self.seconds("CHECK_INTERVAL", defaults.check_interval)?,
-            connect_timeout: self.seconds("CONNECT_TIMEOUT", defaults.connect_timeout)?,
+            check_interval: self.seconds("CHECK_INTERVAL", defaults.check_interval, MIN_TIMING)?,
+            connect_timeout: self.seconds(
+                "CONNECT_TIMEOUT",
+                defaults.connect_timeout,
+                MIN_TIMING,
+            )?,
+            fast_interval: self.seconds("FAST_INTERVAL", defaults.fast_interval, MIN_TIMING)?,
+            listener_check_interval: match self.get("LISTENER_CHECK_INTERVAL") {
+                Some(value) if number(value) == Some(0.0) => None,
+                Some(_) => Some(self.seconds(
+                    "LISTENER_CHECK_INTERVAL",
+                    Duration::ZERO,
+                    Duration::from_secs(1),
+                )?),
+                None => defaults.listener_check_interval,
+            },
             rise: self.count("RISE", defaults.rise)?,
             fall: self.count("FALL", defaults.fall)?,
             jitter: match self.get("JITTER") {
@@ -629,18 +666,34 @@ impl<'a> Settings<'a> {
         })
     }
 
-    fn seconds(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+    fn seconds(
+        &self,
+        key: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Duration, ConfigError> {
         let Some(value) = self.get(key) else {
             return Ok(default);
         };
         // A day is far past any sensible setting and keeps Duration math safe.
         match number(value) {
-            Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+            Some(s) if s >= min.as_secs_f64() && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
             _ => Err(error(
                 dbha_key(key),
                 value,
-                "must be a positive number of seconds (at most 86400)",
+                format!(
+                    "must be a number of seconds from {} to 86400",
+                    min.as_secs_f64()
+                ),
             )),
+        }
+    }
+
+    fn flag(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(error(dbha_key(key), other, "must be True or False")),
         }
     }
 

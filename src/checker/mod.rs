@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod node;
+pub mod reads;
 pub mod schedule;
 pub mod select;
 pub mod state;

@@ -1,6 +1,6 @@
 //! The background health checker: one scheduler thread per process and one
 //! probe thread per node, publishing an immutable [`Snapshot`] after every
-//! round for lock-free readers.
+//! change for lock-free readers.
 //!
 //! Probes run in parallel, so a round with any number of dead or hung nodes
 //! costs one deadline, and every answer takes effect as it arrives: a new
@@ -8,8 +8,13 @@
 //! node's probe is still waiting out its deadline. A probe stuck past its
 //! deadline (only name resolution can do that) counts as a timeout, and its
 //! node is not probed again until it returns.
+//!
+//! Between probes each probe thread waits on its kept session's socket, so a
+//! server that ends the session (killed, shut down) is noticed at once. A
+//! group without a healthy writer is probed every `FAST_INTERVAL`.
 
 use std::collections::BTreeSet;
+use std::os::fd::RawFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -23,9 +28,11 @@ use parking_lot::{Condvar, Mutex};
 
 use super::config::{Config, Node, OnAllDown};
 use super::node::NodeProbe;
-use super::select::{choose_readers, choose_writer, fastest_reader};
+use super::reads::{choose_readers, fastest_reader, WriteLog};
+use super::select::choose_writer;
 use super::state::{Health, NodeHealth, ProbeOutcome};
 use crate::engines::Observation;
+use crate::net::wait::{doorbell, Bell, Ringer};
 use crate::net::Failure;
 
 /// How long past the probe deadline the scheduler waits for a probe thread.
@@ -44,7 +51,25 @@ pub trait Prober: Send + Sync + 'static {
 }
 
 pub trait NodeProber: Send {
-    fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure>;
+    /// One probe within `timeout`; with `check_new_sessions`, the server
+    /// must also accept a fresh connection.
+    fn probe(
+        &mut self,
+        timeout: Duration,
+        check_new_sessions: bool,
+    ) -> Result<Observation, Failure>;
+
+    /// A socket to watch between probes (the kept session's).
+    fn watched_socket(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// The watched socket became readable: `Some` when that ended the
+    /// session, with what a fresh attempt found at once.
+    fn on_readable(&mut self, timeout: Duration) -> Option<Result<Observation, Failure>> {
+        let _ = timeout;
+        None
+    }
 }
 
 pub struct NetworkProber;
@@ -56,12 +81,24 @@ impl Prober for NetworkProber {
 }
 
 impl NodeProber for NodeProbe {
-    fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
-        NodeProbe::probe(self, timeout, false)
+    fn probe(
+        &mut self,
+        timeout: Duration,
+        check_new_sessions: bool,
+    ) -> Result<Observation, Failure> {
+        NodeProbe::probe(self, timeout, check_new_sessions)
+    }
+
+    fn watched_socket(&self) -> Option<RawFd> {
+        NodeProbe::watched_socket(self)
+    }
+
+    fn on_readable(&mut self, timeout: Duration) -> Option<Result<Observation, Failure>> {
+        NodeProbe::on_readable(self, timeout)
     }
 }
 
-/// Everything known after a round; never mutated once published.
+/// Everything known after a change; never mutated once published.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
     /// Completed rounds; 0 means nothing is known yet.
@@ -71,12 +108,18 @@ pub struct Snapshot {
     pub writers: Vec<Option<usize>>,
     /// Per group: the most recent writer, kept while all nodes are down.
     pub last_writers: Vec<Option<usize>>,
-    /// Per node: a primary kept out of writes because another primary of its
-    /// group has them (split brain), until it reports standby.
+    /// Per node: a primary kept out of writes, because a promotion abandoned
+    /// it (an older timeline) or another primary of its group has them
+    /// (split brain), until it reports standby.
     pub fenced: Vec<bool>,
+    /// Per group: the newest timeline its primaries have shown.
+    pub newest_timelines: Vec<Option<u64>>,
     /// Per group: the nodes reads may go to, as a mask relative to the
-    /// group's first node (see `select::choose_readers`); 0 = the writer.
+    /// group's first node (see `reads::choose_readers`); 0 = the writer.
     pub readers: Vec<u64>,
+    /// Per node: the highest writer probe number whose finding this standby
+    /// has replayed (read-your-writes, see `reads::WriteLog`).
+    pub caught_up: Vec<u64>,
 }
 
 /// Where a group's writes should go.
@@ -103,6 +146,12 @@ impl Route {
             Self::AllDown(word >> 1)
         }
     }
+
+    pub fn node(self) -> usize {
+        match self {
+            Self::Healthy(node) | Self::AllDown(node) => node,
+        }
+    }
 }
 
 impl Snapshot {
@@ -113,7 +162,9 @@ impl Snapshot {
             writers: vec![None; config.groups.len()],
             last_writers: vec![None; config.groups.len()],
             fenced: vec![false; config.nodes.len()],
+            newest_timelines: vec![None; config.groups.len()],
             readers: vec![0; config.groups.len()],
+            caught_up: vec![0; config.nodes.len()],
         }
     }
 
@@ -126,7 +177,7 @@ impl Snapshot {
             .map(|i| {
                 let node = &config.nodes[i];
                 let fenced = if self.fenced[i] {
-                    " (fenced: split brain)"
+                    " (fenced: an older or rival primary)"
                 } else {
                     ""
                 };
@@ -149,6 +200,12 @@ impl Snapshot {
             ),
         }
     }
+
+    /// No healthy writer, or one whose latest probe failed: the group is
+    /// probed every `FAST_INTERVAL` until that is over.
+    fn is_urgent(&self, group: usize) -> bool {
+        self.writers[group].is_none_or(|w| self.nodes[w].failures > 0)
+    }
 }
 
 struct Control {
@@ -157,6 +214,9 @@ struct Control {
     requested: Vec<Option<Instant>>,
     /// Per group: when its last round started (for `REPORT_GAP`).
     last_started: Vec<Option<Instant>>,
+    /// Per node: the application reported a failure, so its next probe
+    /// also checks that it takes new sessions.
+    reported: Vec<bool>,
     /// The last round started (rounds are numbered from 1).
     started: u64,
     /// Every round below this one has completed ...
@@ -165,18 +225,24 @@ struct Control {
     completed: BTreeSet<u64>,
     /// The running scheduler's event queue, to wake it.
     waker: Option<Sender<Event>>,
+    /// Makes the scheduler panic (tests of the restart).
+    #[cfg(test)]
+    panic_now: bool,
 }
 
 impl Control {
-    fn new(groups: usize) -> Self {
+    fn new(groups: usize, nodes: usize) -> Self {
         Self {
             stop: false,
             requested: vec![None; groups],
             last_started: vec![None; groups],
+            reported: vec![false; nodes],
             started: 0,
             completed_below: 1,
             completed: BTreeSet::new(),
             waker: None,
+            #[cfg(test)]
+            panic_now: false,
         }
     }
 
@@ -189,6 +255,13 @@ impl Control {
         while self.completed.remove(&self.completed_below) {
             self.completed_below += 1;
         }
+    }
+
+    /// Rounds started but never completed (their scheduler panicked).
+    fn incomplete(&self) -> Vec<u64> {
+        (self.completed_below..=self.started)
+            .filter(|round| !self.completed.contains(round))
+            .collect()
     }
 
     fn wake(&self) {
@@ -208,11 +281,21 @@ struct Shared {
     readers: Box<[AtomicU64]>,
     /// Per group, the reader with the lowest latency (`usize::MAX`: none).
     fastest: Box<[AtomicUsize]>,
+    /// Per group, the number of probes sent to its writer so far.
+    writer_probes: Box<[AtomicU64]>,
+    /// Per node, the snapshot's `caught_up`.
+    caught_up: Box<[AtomicU64]>,
+    /// Per group, the least `caught_up` of its reader standbys.
+    least_caught_up: Box<[AtomicU64]>,
     control: Mutex<Control>,
     /// Wakes the supervisor pausing before a restart (on stop).
     wake: Condvar,
     /// Wakes callers waiting for a round to complete.
     round_done: Condvar,
+}
+
+fn atomics<T>(count: usize, make: impl Fn(usize) -> T) -> Box<[T]> {
+    (0..count).map(make).collect()
 }
 
 pub struct Checker {
@@ -223,43 +306,39 @@ pub struct Checker {
 impl Checker {
     /// Starts the checker thread. `seed` carries what an earlier checker
     /// knew (e.g. the parent's state after a fork) so that sticky writers
-    /// survive; without it the first round decides.
+    /// and fences survive; without it the first round decides.
     pub fn start(
         config: Arc<Config>,
         prober: Arc<dyn Prober>,
         seed: Option<&Snapshot>,
     ) -> std::io::Result<Self> {
-        let groups = config.groups.len();
+        let (groups, nodes) = (config.groups.len(), config.nodes.len());
         let snapshot = match seed {
-            Some(seed)
-                if seed.nodes.len() == config.nodes.len() && seed.writers.len() == groups =>
-            {
-                Snapshot {
-                    rounds: 0,
-                    ..seed.clone()
-                }
-            }
+            Some(seed) if seed.nodes.len() == nodes && seed.writers.len() == groups => Snapshot {
+                rounds: 0,
+                // Counted against the earlier checker's writer probes.
+                caught_up: vec![0; nodes],
+                ..seed.clone()
+            },
             _ => Snapshot::unknown(&config),
         };
-        let routes = (0..groups)
-            .map(|g| AtomicUsize::new(snapshot.route(&config, g).pack()))
-            .collect();
-        let readers = snapshot
-            .readers
-            .iter()
-            .map(|&mask| AtomicU64::new(mask))
-            .collect();
-        let fastest = (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect();
+        let routes = atomics(groups, |g| {
+            AtomicUsize::new(snapshot.route(&config, g).pack())
+        });
+        let readers = atomics(groups, |g| AtomicU64::new(snapshot.readers[g]));
         let shared = Arc::new(Shared {
-            config,
-            prober,
-            snapshot: ArcSwap::from_pointee(snapshot),
             routes,
             readers,
-            fastest,
-            control: Mutex::new(Control::new(groups)),
+            fastest: atomics(groups, |_| AtomicUsize::new(usize::MAX)),
+            writer_probes: atomics(groups, |_| AtomicU64::new(0)),
+            caught_up: atomics(nodes, |_| AtomicU64::new(0)),
+            least_caught_up: atomics(groups, |_| AtomicU64::new(0)),
+            control: Mutex::new(Control::new(groups, nodes)),
             wake: Condvar::new(),
             round_done: Condvar::new(),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            config,
+            prober,
         });
         let supervisor = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -299,6 +378,25 @@ impl Checker {
         Some(self.shared.fastest[group].load(Ordering::Acquire)).filter(|&n| n != usize::MAX)
     }
 
+    /// How many probes `group`'s writer has been sent: a read that follows
+    /// a write needs a standby caught up with the next one.
+    #[inline]
+    pub fn writer_probes(&self, group: usize) -> u64 {
+        self.shared.writer_probes[group].load(Ordering::Acquire)
+    }
+
+    /// The highest writer probe number whose finding `node` has replayed.
+    #[inline]
+    pub fn caught_up(&self, node: usize) -> u64 {
+        self.shared.caught_up[node].load(Ordering::Acquire)
+    }
+
+    /// The least [`Checker::caught_up`] among `group`'s readers.
+    #[inline]
+    pub fn least_caught_up(&self, group: usize) -> u64 {
+        self.shared.least_caught_up[group].load(Ordering::Acquire)
+    }
+
     /// Asks for a round of `group` (or all groups) now; returns the ticket
     /// to pass to [`Checker::wait_for_round`].
     pub fn request_round(&self, group: Option<usize>) -> u64 {
@@ -314,10 +412,12 @@ impl Checker {
     }
 
     /// Passive feedback that `node` failed for the application: re-probes
-    /// its group soon (not marking it down on one report).
+    /// its group soon, checking that `node` still takes new sessions (one
+    /// report never marks it down).
     pub fn report_failure(&self, node: usize) {
         let group = self.shared.config.nodes[node].group;
         let mut control = self.shared.control.lock();
+        control.reported[node] = true;
         let earliest = control.last_started[group].map_or_else(Instant::now, |at| at + REPORT_GAP);
         let requested = &mut control.requested[group];
         *requested = Some(requested.map_or(earliest, |r| r.min(earliest)));
@@ -393,8 +493,15 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// What wakes the scheduler.
 enum Event {
-    /// A probe thread's answer.
-    Answer { node: usize, outcome: ProbeOutcome },
+    /// A probe thread's answer: to a request, or (`solicited` false) what
+    /// it found when the server ended the kept session.
+    Answer {
+        node: usize,
+        result: Result<Observation, Failure>,
+        started: Instant,
+        latency: Duration,
+        solicited: bool,
+    },
     /// A request or a stop (see `Control`).
     Wake,
 }
@@ -402,16 +509,32 @@ enum Event {
 /// One long-lived thread per node, so a probe stuck in name resolution ties
 /// up only its own node.
 struct ProbeThread {
-    requests: Sender<()>,
-    /// A probe is in flight.
-    busy: bool,
+    requests: Sender<bool>,
+    ringer: Ringer,
+    /// The probe in flight, if any.
+    in_flight: Option<InFlight>,
     /// Its round gave up on it (recorded a timeout): drop its answer.
     abandoned: bool,
+}
+
+struct InFlight {
+    sent: Instant,
+    /// Its number among the probes of the group's writer, if it was sent to
+    /// the writer (read-your-writes).
+    writer_probe: Option<u64>,
+}
+
+impl ProbeThread {
+    fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
 }
 
 /// A round waiting for answers.
 struct OpenRound {
     id: u64,
+    /// Rounds of a scheduler that panicked, completed with this one.
+    orphans: Vec<u64>,
     deadline: Instant,
     /// Nodes whose answer it still waits for.
     waiting: Vec<usize>,
@@ -424,28 +547,49 @@ struct Scheduler {
     events: Receiver<Event>,
     events_sender: Sender<Event>,
     open: Vec<OpenRound>,
-    next_periodic: Instant,
+    /// Per group: when its next round is due.
+    next_round: Vec<Instant>,
+    /// Per group: when its writer must next show it takes new sessions.
+    next_session_check: Vec<Option<Instant>>,
     /// Per group: a writer was chosen at least once (so "no writer" at the
     /// start is reported too).
     decided: Vec<bool>,
+    /// Per group: its writer's probes, for read-your-writes.
+    write_logs: Vec<WriteLog>,
+    /// When a reader's lag bound runs out, so readers must be chosen again.
+    readers_expire: Option<Instant>,
+    /// Rounds a panicked scheduler left open, completed by our first round.
+    orphans: Vec<u64>,
 }
 
 impl Scheduler {
     fn new(shared: Arc<Shared>) -> Self {
         let state = Snapshot::clone(&shared.snapshot.load());
         let (events_sender, events) = mpsc::channel();
-        shared.control.lock().waker = Some(events_sender.clone());
-        let probe_threads = shared.config.nodes.iter().map(|_| None).collect();
-        let decided = vec![false; shared.config.groups.len()];
+        let orphans = {
+            let mut control = shared.control.lock();
+            control.waker = Some(events_sender.clone());
+            control.incomplete()
+        };
+        let config = &shared.config;
+        let now = Instant::now();
+        let groups = config.groups.len();
         Self {
-            shared,
+            probe_threads: config.nodes.iter().map(|_| None).collect(),
+            next_round: vec![now; groups],
+            next_session_check: vec![
+                config.timing.listener_check_interval.map(|i| now + i);
+                groups
+            ],
+            decided: vec![false; groups],
+            write_logs: vec![WriteLog::default(); groups],
+            readers_expire: None,
+            orphans,
             state,
-            probe_threads,
             events,
             events_sender,
             open: Vec::new(),
-            next_periodic: Instant::now(),
-            decided,
+            shared,
         }
     }
 
@@ -455,12 +599,21 @@ impl Scheduler {
                 self.start_round(round, &groups);
             }
             self.expire_rounds();
+            if self.readers_expire.is_some_and(|at| at <= Instant::now()) {
+                self.settle();
+            }
             let wake_at = self.next_wake();
             match self
                 .events
                 .recv_timeout(wake_at.saturating_duration_since(Instant::now()))
             {
-                Ok(Event::Answer { node, outcome }) => self.on_answer(node, outcome),
+                Ok(Event::Answer {
+                    node,
+                    result,
+                    started,
+                    latency,
+                    solicited,
+                }) => self.on_answer(node, result, started, latency, solicited),
                 Ok(Event::Wake) | Err(RecvTimeoutError::Timeout) => {}
                 // Impossible: we hold a sender.
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -471,12 +624,14 @@ impl Scheduler {
     /// The round due now, if any: its number and which groups it probes.
     fn due_round(&mut self) -> Option<(u64, Vec<bool>)> {
         let mut control = self.shared.control.lock();
+        #[cfg(test)]
+        assert!(
+            !std::mem::take(&mut control.panic_now),
+            "scripted scheduler panic"
+        );
         let now = Instant::now();
-        let periodic = now >= self.next_periodic;
-        let groups: Vec<bool> = control
-            .requested
-            .iter()
-            .map(|r| periodic || r.is_some_and(|at| at <= now))
+        let groups: Vec<bool> = (0..self.next_round.len())
+            .map(|g| now >= self.next_round[g] || control.requested[g].is_some_and(|at| at <= now))
             .collect();
         if !groups.contains(&true) {
             return None;
@@ -486,67 +641,154 @@ impl Scheduler {
             if due {
                 control.requested[g] = None;
                 control.last_started[g] = Some(now);
+                self.next_round[g] = now + self.interval(g);
             }
-        }
-        if periodic {
-            self.next_periodic = now + self.jittered_interval();
         }
         Some((control.started, groups))
     }
 
-    /// The next periodic round, requested round or round deadline.
+    /// Until the group's next periodic round: `FAST_INTERVAL` while it has
+    /// no healthy writer, else `CHECK_INTERVAL`, each randomised by `JITTER`.
+    fn interval(&self, group: usize) -> Duration {
+        let timing = &self.shared.config.timing;
+        let base = if self.decided[group] && self.state.is_urgent(group) {
+            timing.fast_interval
+        } else {
+            timing.check_interval
+        };
+        let spread = timing.jitter * (2.0 * fastrand::f64() - 1.0);
+        base.mul_f64(1.0 + spread)
+    }
+
+    /// The next periodic round, requested round, round deadline or reader
+    /// expiry.
     fn next_wake(&self) -> Instant {
         let control = self.shared.control.lock();
         let requested = control.requested.iter().flatten().copied();
         let deadlines = self.open.iter().map(|round| round.deadline);
-        requested
+        self.next_round
+            .iter()
+            .copied()
+            .chain(requested)
             .chain(deadlines)
-            .fold(self.next_periodic, Instant::min)
-    }
-
-    fn jittered_interval(&self) -> Duration {
-        let timing = &self.shared.config.timing;
-        let spread = timing.jitter * (2.0 * fastrand::f64() - 1.0);
-        timing.check_interval.mul_f64(1.0 + spread)
+            .chain(self.readers_expire)
+            .fold(Instant::now() + Duration::from_secs(3600), Instant::min)
     }
 
     /// Probes the nodes of `groups`. A node whose probe is still in flight
     /// is not probed twice: the round waits for that answer.
     fn start_round(&mut self, id: u64, groups: &[bool]) {
         let config = Arc::clone(&self.shared.config);
+        let now = Instant::now();
+        let reported: Vec<bool> = {
+            let mut control = self.shared.control.lock();
+            config
+                .nodes
+                .iter()
+                .zip(control.reported.iter_mut())
+                .map(|(node, reported)| groups[node.group] && std::mem::take(reported))
+                .collect()
+        };
         let mut waiting = Vec::new();
         for (index, node) in config.nodes.iter().enumerate() {
             if !groups[node.group] {
                 continue;
             }
-            match self.dispatch(index) {
+            let check = reported[index] || self.session_check_due(index, now);
+            match self.dispatch(index, check) {
                 Ok(()) => waiting.push(index),
                 Err(failure) => self.record(
                     index,
                     ProbeOutcome {
                         result: Err(failure),
                         latency: Duration::ZERO,
+                        confirmed: false,
+                        started: now,
                     },
                 ),
             }
         }
-        let deadline = Instant::now() + config.timing.connect_timeout + GRACE;
+        let orphans = if groups.iter().all(|&g| g) {
+            std::mem::take(&mut self.orphans)
+        } else {
+            Vec::new()
+        };
         self.open.push(OpenRound {
             id,
-            deadline,
+            orphans,
+            deadline: now + config.timing.connect_timeout + GRACE,
             waiting,
         });
         self.settle();
     }
 
-    fn on_answer(&mut self, node: usize, outcome: ProbeOutcome) {
-        if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
-            thread.busy = false;
+    /// Whether this probe of `node` must also open a fresh connection: it is
+    /// its group's writer and `LISTENER_CHECK_INTERVAL` has passed, or its
+    /// last such check failed (so that recovery is seen, and FALL counted).
+    fn session_check_due(&mut self, node: usize, now: Instant) -> bool {
+        let group = self.shared.config.nodes[node].group;
+        if self.state.writers[group] != Some(node) {
+            return false;
+        }
+        if matches!(
+            self.state.nodes[node].last_error,
+            Some(Failure::NoNewSessions(_))
+        ) {
+            return true;
+        }
+        let Some(due) = self.next_session_check[group] else {
+            return false;
+        };
+        if now < due {
+            return false;
+        }
+        self.next_session_check[group] = self
+            .shared
+            .config
+            .timing
+            .listener_check_interval
+            .map(|interval| now + interval);
+        true
+    }
+
+    fn on_answer(
+        &mut self,
+        node: usize,
+        result: Result<Observation, Failure>,
+        started: Instant,
+        latency: Duration,
+        solicited: bool,
+    ) {
+        let mut started = started;
+        if solicited {
+            let Some(Some(thread)) = self.probe_threads.get_mut(node) else {
+                return;
+            };
+            let in_flight = thread.in_flight.take();
             if std::mem::take(&mut thread.abandoned) {
                 return;
             }
+            if let Some(in_flight) = in_flight {
+                // The lag was measured no earlier than the request was sent.
+                started = in_flight.sent;
+                let group = self.shared.config.nodes[node].group;
+                if let (Some(number), Ok(observation)) = (in_flight.writer_probe, &result) {
+                    if self.state.writers[group] == Some(node) {
+                        self.write_logs[group].record(number, observation.position, in_flight.sent);
+                    }
+                }
+            }
         }
-        self.record(node, outcome);
+        let confirmed = !solicited && result.is_err();
+        self.record(
+            node,
+            ProbeOutcome {
+                result,
+                latency,
+                confirmed,
+                started,
+            },
+        );
         self.settle();
     }
 
@@ -566,7 +808,7 @@ impl Scheduler {
             .collect();
         for node in expired {
             if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
-                if !thread.busy || thread.abandoned {
+                if !thread.busy() || thread.abandoned {
                     continue; // already recorded
                 }
                 thread.abandoned = true;
@@ -576,6 +818,8 @@ impl Scheduler {
                 ProbeOutcome {
                     result: Err(Failure::Timeout),
                     latency: timeout,
+                    confirmed: false,
+                    started: now.checked_sub(timeout).unwrap_or(now),
                 },
             );
         }
@@ -605,6 +849,8 @@ impl Scheduler {
     /// completes the rounds that have all their answers.
     fn settle(&mut self) {
         let config = Arc::clone(&self.shared.config);
+        let now = Instant::now();
+        let mut expire: Option<Instant> = None;
         for (g, group) in config.groups.iter().enumerate() {
             let members = group.members.clone();
             if members.clone().any(|i| self.undecided(i)) {
@@ -612,26 +858,41 @@ impl Scheduler {
             }
             self.select_writer(g, members.clone());
             self.decided[g] = true;
-            self.state.readers[g] = choose_readers(
-                members,
+            let readers = choose_readers(
+                members.clone(),
                 &self.state.nodes,
                 self.state.writers[g],
                 &config.reads,
+                now,
             );
+            self.state.readers[g] = readers.mask;
+            expire = earliest(expire, readers.expires);
+            for i in members {
+                self.state.caught_up[i] = self.write_logs[g].caught_up(&self.state.nodes[i]);
+            }
+            if self.state.is_urgent(g) {
+                // Do not wait out a long interval already scheduled.
+                let soon = now + config.timing.fast_interval;
+                self.next_round[g] = self.next_round[g].min(soon);
+            }
         }
-        let done: Vec<u64> = self
-            .open
-            .iter()
-            .filter(|round| round.waiting.is_empty())
-            .map(|round| round.id)
-            .collect();
-        self.open.retain(|round| !round.waiting.is_empty());
+        self.readers_expire = expire;
+        let done: Vec<OpenRound> = {
+            let (done, open) = std::mem::take(&mut self.open)
+                .into_iter()
+                .partition(|round| round.waiting.is_empty());
+            self.open = open;
+            done
+        };
         self.state.rounds += done.len() as u64;
         self.publish();
         if !done.is_empty() {
             let mut control = self.shared.control.lock();
-            for id in done {
-                control.complete(id);
+            for round in done {
+                control.complete(round.id);
+                for orphan in round.orphans {
+                    control.complete(orphan);
+                }
             }
             self.shared.round_done.notify_all();
         }
@@ -645,24 +906,33 @@ impl Scheduler {
         let health = &self.state.nodes[node];
         let in_flight = matches!(
             &self.probe_threads[node],
-            Some(ProbeThread {
-                busy: true,
-                abandoned: false,
-                ..
-            })
+            Some(thread) if thread.busy() && !thread.abandoned
         );
         health.health == Health::Unknown || (in_flight && health.is_up() && !health.is_suspect())
     }
 
     fn publish(&self) {
         let config = &self.shared.config;
-        self.shared.snapshot.store(Arc::new(self.state.clone()));
+        let shared = &self.shared;
+        shared.snapshot.store(Arc::new(self.state.clone()));
+        for (i, &caught_up) in self.state.caught_up.iter().enumerate() {
+            shared.caught_up[i].store(caught_up, Ordering::Release);
+        }
         for (g, group) in config.groups.iter().enumerate() {
             let readers = self.state.readers[g];
-            let fastest = fastest_reader(group.members.clone(), &self.state.nodes, readers);
-            self.shared.routes[g].store(self.state.route(config, g).pack(), Ordering::Release);
-            self.shared.readers[g].store(readers, Ordering::Release);
-            self.shared.fastest[g].store(fastest.unwrap_or(usize::MAX), Ordering::Release);
+            let members = group.members.clone();
+            let fastest = fastest_reader(members.clone(), &self.state.nodes, readers);
+            let least_caught_up = members
+                .clone()
+                .filter(|&i| readers & (1 << (i - members.start)) != 0)
+                .filter(|&i| Some(i) != self.state.writers[g])
+                .map(|i| self.state.caught_up[i])
+                .min()
+                .unwrap_or(u64::MAX);
+            shared.least_caught_up[g].store(least_caught_up, Ordering::Release);
+            shared.routes[g].store(self.state.route(config, g).pack(), Ordering::Release);
+            shared.readers[g].store(readers, Ordering::Release);
+            shared.fastest[g].store(fastest.unwrap_or(usize::MAX), Ordering::Release);
         }
     }
 
@@ -674,21 +944,62 @@ impl Scheduler {
             members.clone(),
             &self.state.nodes,
             &mut self.state.fenced,
+            &mut self.state.newest_timelines[group],
             before,
             config.failback,
         );
+        let name = &config.groups[group].name;
+        let alias = |i: usize| config.nodes[i].alias.as_str();
+        let timeline = |i: usize| {
+            self.state.nodes[i]
+                .timeline
+                .map_or("?".to_owned(), |t| t.to_string())
+        };
         for i in members {
-            let alias = &config.nodes[i].alias;
             match (fenced_before[i], self.state.fenced[i]) {
-                (false, true) => error!(
-                    "group '{}': split brain: {alias} reports primary while {} takes the \
-                     writes; writes stay on {}, and {alias} gets none until it is \
-                     rewound or rejoined as a standby",
-                    config.groups[group].name,
-                    after.map_or("?", |w| config.nodes[w].alias.as_str()),
-                    after.map_or("?", |w| config.nodes[w].alias.as_str()),
+                (false, true) => {
+                    let writer = after.map_or("?", alias);
+                    let newer = after.is_some_and(|w| {
+                        matches!(
+                            (self.state.nodes[i].timeline, self.state.nodes[w].timeline),
+                            (Some(t), Some(n)) if n > t
+                        )
+                    });
+                    if newer {
+                        error!(
+                            "group '{name}': {} is primary on timeline {}, but {writer} was \
+                             promoted since (timeline {}): every write {} takes is lost; \
+                             writes go to {writer}, and {} gets none until it is rewound \
+                             and rejoined as a standby",
+                            alias(i),
+                            timeline(i),
+                            after.map_or("?".to_owned(), timeline),
+                            alias(i),
+                            alias(i),
+                        );
+                    } else {
+                        error!(
+                            "group '{name}': split brain: {} reports primary (timeline {}) \
+                             while {writer} (timeline {}) takes the writes; writes stay on \
+                             {writer}, and {} gets none until it is rewound or rejoined as \
+                             a standby",
+                            alias(i),
+                            timeline(i),
+                            after.map_or("?".to_owned(), timeline),
+                            alias(i),
+                        );
+                    }
+                }
+                (true, false)
+                    if self.state.nodes[i].role == Some(crate::engines::Role::Standby) =>
+                {
+                    info!("{} reports standby: no longer fenced", alias(i));
+                }
+                (true, false) => info!(
+                    "{} is primary on timeline {}, the newest: no longer fenced",
+                    alias(i),
+                    timeline(i)
                 ),
-                (true, false) => info!("{alias} reports standby: no longer fenced"),
                 _ => {}
             }
         }
@@ -698,7 +1009,6 @@ impl Scheduler {
             return;
         }
         self.state.writers[group] = after;
-        let name = &config.groups[group].name;
         let Some(new) = after else {
             let policy = match config.on_all_down {
                 OnAllDown::Last => "routing to the last writer",
@@ -708,23 +1018,31 @@ impl Scheduler {
             error!("group '{name}': no writer ({members}); {policy}");
             return;
         };
-        let alias = &config.nodes[new].alias;
-        match before.or(self.state.last_writers[group]) {
+        let previous = before.or(self.state.last_writers[group]);
+        if previous != Some(new) {
+            // Another server: its data positions do not compare with the
+            // old one's.
+            self.write_logs[group].clear();
+        }
+        match previous {
             Some(old) if old != new => {
-                let old = &config.nodes[old].alias;
-                warn!("group '{name}': writes move from {old} to {alias}");
+                warn!(
+                    "group '{name}': writes move from {} to {}",
+                    alias(old),
+                    alias(new)
+                );
             }
-            Some(_) => info!("group '{name}': writes resume on {alias}"),
-            None => info!("group '{name}': writes go to {alias}"),
+            Some(_) => info!("group '{name}': writes resume on {}", alias(new)),
+            None => info!("group '{name}': writes go to {}", alias(new)),
         }
         self.state.last_writers[group] = Some(new);
     }
 
     /// Hands a probe of `node` to its thread, starting the thread if
     /// needed. A node whose probe is in flight is left to answer that one.
-    fn dispatch(&mut self, node: usize) -> Result<(), Failure> {
+    fn dispatch(&mut self, node: usize, check_new_sessions: bool) -> Result<(), Failure> {
         if let Some(thread) = &self.probe_threads[node] {
-            if thread.busy {
+            if thread.busy() {
                 return if thread.abandoned {
                     // Stuck past a deadline already: another timeout.
                     Err(Failure::Timeout)
@@ -734,64 +1052,123 @@ impl Scheduler {
             }
         }
         let sent = match &self.probe_threads[node] {
-            Some(thread) => thread.requests.send(()).is_ok(),
+            Some(thread) => thread.requests.send(check_new_sessions).is_ok(),
             None => false,
         };
         if !sent {
             let thread = self
                 .spawn_probe_thread(node)
                 .map_err(|e| Failure::Internal(format!("cannot start a probe thread: {e}")))?;
-            if thread.requests.send(()).is_err() {
+            if thread.requests.send(check_new_sessions).is_err() {
                 return Err(Failure::Internal("probe thread exited".into()));
             }
             self.probe_threads[node] = Some(thread);
         }
+        let group = self.shared.config.nodes[node].group;
+        // Numbered before it is sent: it finds every commit made before this.
+        let writer_probe = (self.state.writers[group] == Some(node))
+            .then(|| self.shared.writer_probes[group].fetch_add(1, Ordering::AcqRel) + 1);
         if let Some(thread) = &mut self.probe_threads[node] {
-            thread.busy = true;
+            thread.in_flight = Some(InFlight {
+                sent: Instant::now(),
+                writer_probe,
+            });
+            thread.ringer.ring();
         }
         Ok(())
     }
 
     fn spawn_probe_thread(&self, index: usize) -> std::io::Result<ProbeThread> {
-        let (requests, inbox) = mpsc::channel::<()>();
+        let (requests, inbox) = mpsc::channel::<bool>();
+        let (ringer, bell) = doorbell()?;
         let events = self.events_sender.clone();
         let shared = Arc::clone(&self.shared);
         thread::Builder::new()
             .name("dbha-probe".into())
-            .spawn(move || {
-                let node = &shared.config.nodes[index];
-                let timeout = shared.config.timing.connect_timeout;
-                let mut prober = shared.prober.for_node(node);
-                // Ends when the scheduler drops its sender.
-                while inbox.recv().is_ok() {
-                    let started = Instant::now();
-                    let result = panic::catch_unwind(AssertUnwindSafe(|| prober.probe(timeout)))
-                        .unwrap_or_else(|panic| {
-                            // Whatever it held (a connection) is suspect now.
-                            prober = shared.prober.for_node(node);
-                            Err(Failure::Internal(format!(
-                                "probe panicked: {}",
-                                panic_message(&*panic)
-                            )))
-                        });
-                    let outcome = ProbeOutcome {
-                        result,
-                        latency: started.elapsed(),
-                    };
-                    let answer = Event::Answer {
-                        node: index,
-                        outcome,
-                    };
-                    if events.send(answer).is_err() {
+            .spawn(move || probe_thread(&shared, index, &inbox, &bell, &events))?;
+        Ok(ProbeThread {
+            requests,
+            ringer,
+            in_flight: None,
+            abandoned: false,
+        })
+    }
+}
+
+/// A probe thread's life: wait for a request or for the kept session's
+/// socket; answer requests one by one; report at once when the server ends
+/// the session. It ends when the scheduler drops its ringer.
+fn probe_thread(
+    shared: &Shared,
+    index: usize,
+    inbox: &Receiver<bool>,
+    bell: &Bell,
+    events: &Sender<Event>,
+) {
+    let node = &shared.config.nodes[index];
+    let timeout = shared.config.timing.connect_timeout;
+    let mut prober = shared.prober.for_node(node);
+    let send = |result, started: Instant, solicited| {
+        let answer = Event::Answer {
+            node: index,
+            result,
+            started,
+            latency: started.elapsed(),
+            solicited,
+        };
+        events.send(answer).is_ok()
+    };
+    loop {
+        let Ok(woken) = bell.wait(prober.watched_socket()) else {
+            // poll() itself failed: there is nothing left to wait on.
+            return;
+        };
+        if woken.hung_up {
+            return;
+        }
+        if woken.socket && !woken.rung {
+            let started = Instant::now();
+            match guarded(|| prober.on_readable(timeout)) {
+                Ok(None) => {}
+                Ok(Some(result)) => {
+                    if !send(result, started, false) {
                         return;
                     }
                 }
-            })?;
-        Ok(ProbeThread {
-            requests,
-            busy: false,
-            abandoned: false,
-        })
+                Err(failure) => {
+                    prober = shared.prober.for_node(node);
+                    if !send(Err(failure), started, false) {
+                        return;
+                    }
+                }
+            }
+        }
+        while let Ok(check_new_sessions) = inbox.try_recv() {
+            let started = Instant::now();
+            let result =
+                guarded(|| prober.probe(timeout, check_new_sessions)).unwrap_or_else(|failure| {
+                    // Whatever it held (a connection) is suspect now.
+                    prober = shared.prober.for_node(node);
+                    Err(failure)
+                });
+            if !send(result, started, true) {
+                return;
+            }
+        }
+    }
+}
+
+/// Runs a probe step, turning a panic (a bug) into an `Internal` failure.
+fn guarded<T>(step: impl FnOnce() -> T) -> Result<T, Failure> {
+    panic::catch_unwind(AssertUnwindSafe(step))
+        .map_err(|panic| Failure::Internal(format!("probe panicked: {}", panic_message(&*panic))))
+}
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -818,7 +1195,7 @@ mod tests {
     use super::*;
     use crate::checker::value::Value;
     use crate::engines::Role;
-    use parking_lot::RwLock;
+    use parking_lot::{Mutex, RwLock};
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -827,13 +1204,21 @@ mod tests {
     struct Script {
         answers: RwLock<HashMap<String, Answer>>,
         probes: AtomicUsize,
+        /// Per alias, how many probes came and how many checked new sessions.
+        seen: Mutex<HashMap<String, (usize, usize)>>,
     }
 
     #[derive(Clone, Copy)]
     enum Answer {
         Up,
         Primary,
+        /// A primary on this timeline, at this position.
+        PrimaryAt(u64, u64),
         Standby(u64),
+        /// A standby with this lag (seconds) that has replayed this position.
+        StandbyAt(u64, u64),
+        /// The kept session answers; a new connection would hang.
+        NoNewSessions,
         Refused,
         Hang,
         Panic,
@@ -842,6 +1227,11 @@ mod tests {
     impl Script {
         fn set(&self, alias: &str, answer: Answer) {
             self.answers.write().insert(alias.to_owned(), answer);
+        }
+
+        /// (probes, probes that checked new sessions) of `alias` so far.
+        fn seen(&self, alias: &str) -> (usize, usize) {
+            self.seen.lock().get(alias).copied().unwrap_or_default()
         }
     }
 
@@ -860,8 +1250,14 @@ mod tests {
     }
 
     impl NodeProber for Scripted {
-        fn probe(&mut self, timeout: Duration) -> Result<Observation, Failure> {
+        fn probe(&mut self, timeout: Duration, check: bool) -> Result<Observation, Failure> {
             self.script.probes.fetch_add(1, Ordering::SeqCst);
+            {
+                let mut seen = self.script.seen.lock();
+                let counts = seen.entry(self.alias.clone()).or_default();
+                counts.0 += 1;
+                counts.1 += usize::from(check);
+            }
             let answer = self
                 .script
                 .answers
@@ -876,8 +1272,20 @@ mod tests {
             };
             match answer {
                 Answer::Up => Ok(Observation::default()),
-                Answer::Primary => Ok(role(Role::Primary, None)),
+                Answer::NoNewSessions if check => {
+                    Err(Failure::NoNewSessions(Box::new(Failure::Timeout)))
+                }
+                Answer::Primary | Answer::NoNewSessions => Ok(role(Role::Primary, None)),
+                Answer::PrimaryAt(timeline, position) => Ok(Observation {
+                    timeline: Some(timeline),
+                    position: Some(position),
+                    ..role(Role::Primary, None)
+                }),
                 Answer::Standby(lag) => Ok(role(Role::Standby, Some(Duration::from_secs(lag)))),
+                Answer::StandbyAt(lag, position) => Ok(Observation {
+                    position: Some(position),
+                    ..role(Role::Standby, Some(Duration::from_secs(lag)))
+                }),
                 Answer::Refused => Err(Failure::Refused),
                 Answer::Hang => {
                     thread::sleep(timeout);
@@ -1015,7 +1423,7 @@ mod tests {
             }
         }
         impl NodeProber for StuckNode {
-            fn probe(&mut self, _: Duration) -> Result<Observation, Failure> {
+            fn probe(&mut self, _: Duration, _: bool) -> Result<Observation, Failure> {
                 if self.0 {
                     // Like getaddrinfo() on a dead resolver: ignores the deadline.
                     thread::sleep(Duration::from_secs(2));
@@ -1058,16 +1466,12 @@ mod tests {
         let checker = start(&ABC, &[], &script);
         assert_eq!(writer(&checker), Route::Healthy(1));
         script.set("a", Answer::Up);
-        // A group index past the end makes the scheduler itself panic.
-        checker
-            .shared
-            .control
-            .lock()
-            .requested
-            .push(Some(Instant::now()));
-        checker.shared.wake.notify_one();
+        {
+            let mut control = checker.shared.control.lock();
+            control.panic_now = true;
+            control.wake();
+        }
         thread::sleep(Duration::from_millis(200));
-        checker.shared.control.lock().requested.pop();
         let route = settle(&checker);
         assert_eq!(
             route,
@@ -1209,6 +1613,27 @@ mod tests {
     }
 
     #[test]
+    fn the_newest_timeline_takes_the_writes_from_a_healthy_primary() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::PrimaryAt(1, 100));
+        script.set("b", Answer::StandbyAt(0, 100));
+        script.set("c", Answer::StandbyAt(0, 100));
+        let checker = start(&ABC, &[("FALL", Value::Int(5))], &script);
+        assert_eq!(writer(&checker), Route::Healthy(0));
+        // c promoted while a keeps running and answering.
+        script.set("c", Answer::PrimaryAt(2, 120));
+        assert_eq!(settle(&checker), Route::Healthy(2));
+        let snapshot = checker.snapshot();
+        assert_eq!(snapshot.fenced, [true, false, false]);
+        assert!(snapshot.nodes[0].is_up() && snapshot.nodes[0].failures == 0);
+        // A process that starts now picks the newest too.
+        checker.stop(true);
+        let fresh = start(&ABC, &[], &script);
+        assert_eq!(writer(&fresh), Route::Healthy(2));
+        fresh.stop(true);
+    }
+
+    #[test]
     fn split_brain_is_fenced_and_published() {
         let script = Arc::new(Script::default());
         script.set("a", Answer::Refused);
@@ -1252,6 +1677,243 @@ mod tests {
             "no fresh standby: read from the writer"
         );
         assert_eq!(checker.fastest_reader(0), None);
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_group_without_a_writer_is_probed_every_fast_interval() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Refused);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Int(60)),
+            ("FAST_INTERVAL", Value::Float(0.05)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        assert_eq!(writer(&checker), Route::AllDown(0));
+        let before = script.seen("b").0;
+        thread::sleep(Duration::from_millis(500));
+        let probes = script.seen("b").0 - before;
+        // 10 rounds in 0.5 s at 0.05 s (± jitter), against 0 at 60 s.
+        assert!((6..=14).contains(&probes), "{probes} probes");
+        // A promotion is seen within one fast interval, with no report.
+        script.set("b", Answer::Primary);
+        let started = Instant::now();
+        while writer(&checker) != Route::Healthy(1) {
+            assert!(started.elapsed() < Duration::from_secs(2), "not followed");
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+        // Healthy again: back to the long interval.
+        let quiet = script.seen("b").0;
+        thread::sleep(Duration::from_millis(300));
+        assert!(script.seen("b").0 - quiet <= 1);
+        checker.stop(true);
+    }
+
+    #[test]
+    fn the_writer_shows_it_takes_new_sessions_when_reported_and_periodically() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(1)),
+            ("FALL", Value::Int(2)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        thread::sleep(Duration::from_millis(1300));
+        let (probes, checks) = script.seen("a");
+        assert!(probes >= 15, "{probes}");
+        assert_eq!(checks, 1, "once a second, not every round");
+        assert_eq!(script.seen("b").1, 0, "only the writer");
+        // A stuck postmaster: the kept session answers, new ones hang.
+        script.set("a", Answer::NoNewSessions);
+        checker.report_failure(0);
+        let started = Instant::now();
+        while checker.snapshot().nodes[0].is_up() {
+            assert!(started.elapsed() < Duration::from_secs(2), "never down");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let snapshot = checker.snapshot();
+        let reason = snapshot.nodes[0].last_error.as_ref().unwrap().to_string();
+        assert!(
+            reason.starts_with("new connections fail (timeout)"),
+            "{reason}"
+        );
+        assert_eq!(writer(&checker), Route::AllDown(0));
+        checker.stop(true);
+    }
+
+    #[test]
+    fn with_the_periodic_check_off_only_reports_check_new_sessions() {
+        let script = Arc::new(Script::default());
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(0)),
+        ];
+        let checker = start(&["a"], &dbha, &script);
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(script.seen("a").1, 0);
+        checker.report_failure(0);
+        thread::sleep(Duration::from_millis(150));
+        assert_eq!(script.seen("a").1, 1);
+        checker.stop(true);
+    }
+
+    /// Watches one end of a socket pair: the test closes the other end, as
+    /// a server ends a session.
+    struct Watched {
+        socket: Mutex<Option<std::os::unix::net::UnixStream>>,
+        reconnect: Answer,
+        script: Arc<Script>,
+    }
+
+    /// Node "a" watches the socket; the others only answer probes.
+    struct WatchedNode(Arc<Watched>, String);
+
+    impl Prober for Arc<Watched> {
+        fn for_node(&self, node: &Node) -> Box<dyn NodeProber> {
+            Box::new(WatchedNode(Arc::clone(self), node.alias.clone()))
+        }
+    }
+
+    impl NodeProber for WatchedNode {
+        fn probe(&mut self, timeout: Duration, check: bool) -> Result<Observation, Failure> {
+            Scripted {
+                alias: self.1.clone(),
+                script: Arc::clone(&self.0.script),
+            }
+            .probe(timeout, check)
+        }
+
+        fn watched_socket(&self) -> Option<RawFd> {
+            use std::os::fd::AsRawFd;
+            let socket = self.0.socket.lock();
+            socket
+                .as_ref()
+                .filter(|_| self.1 == "a")
+                .map(AsRawFd::as_raw_fd)
+        }
+
+        fn on_readable(&mut self, _: Duration) -> Option<Result<Observation, Failure>> {
+            self.0.socket.lock().take();
+            Some(match self.0.reconnect {
+                Answer::Refused => Err(Failure::Refused),
+                _ => Ok(Observation::default()),
+            })
+        }
+    }
+
+    #[test]
+    fn a_session_the_server_ends_is_noticed_at_once() {
+        for (reconnect, down) in [(Answer::Refused, true), (Answer::Up, false)] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            let watched = Arc::new(Watched {
+                socket: Mutex::new(Some(ours)),
+                reconnect,
+                script: Arc::new(Script::default()),
+            });
+            let dbha = [("CHECK_INTERVAL", Value::Int(60)), ("FALL", Value::Int(3))];
+            let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&watched));
+            let checker = Checker::start(config(&["a", "b"], &dbha), prober, None).unwrap();
+            assert!(checker.wait_for_round(1, Duration::from_secs(5)));
+            assert_eq!(writer(&checker), Route::Healthy(0));
+            let closed = Instant::now();
+            drop(theirs);
+            if down {
+                // Confirmed by a fresh connection: down at once, not after FALL rounds.
+                while writer(&checker) != Route::Healthy(1) {
+                    assert!(closed.elapsed() < Duration::from_secs(2), "not noticed");
+                    thread::sleep(Duration::from_millis(2));
+                }
+                assert!(closed.elapsed() < Duration::from_millis(200));
+                assert_eq!(checker.snapshot().nodes[0].failures, 1);
+            } else {
+                // A terminated backend whose server takes a new session: no false down.
+                thread::sleep(Duration::from_millis(200));
+                assert_eq!(writer(&checker), Route::Healthy(0));
+                assert!(checker.snapshot().nodes[0].successes >= 2);
+            }
+            checker.stop(true);
+        }
+    }
+
+    #[test]
+    fn readers_are_dropped_when_their_lag_bound_runs_out_between_probes() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        script.set("c", Answer::StandbyAt(1, 0));
+        let dbha = [
+            ("READS", Value::str("replicas")),
+            ("MAX_REPLICA_LAG", Value::Float(1.3)),
+            ("CHECK_INTERVAL", Value::Int(60)),
+        ];
+        let checker = start(&ABC, &dbha, &script);
+        assert_eq!(checker.readers(0), 0b110);
+        let probed = Instant::now();
+        // No probe for 60 s: c (1 s behind) may pass 1.3 s after 0.3 s.
+        while checker.readers(0) != 0b010 {
+            assert!(probed.elapsed() < Duration::from_secs(1), "never dropped");
+            thread::sleep(Duration::from_millis(2));
+        }
+        let dropped = probed.elapsed();
+        assert!(dropped < Duration::from_millis(300), "{dropped:?}");
+        checker.stop(true);
+    }
+
+    #[test]
+    fn standbys_catch_up_with_the_writer_probes_they_replayed() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::PrimaryAt(1, 500));
+        script.set("b", Answer::StandbyAt(0, 500));
+        script.set("c", Answer::StandbyAt(0, 400));
+        let dbha = [
+            ("READS", Value::str("replicas")),
+            ("CHECK_INTERVAL", Value::Int(60)),
+        ];
+        let checker = start(&ABC, &dbha, &script);
+        settle(&checker);
+        let sent = checker.writer_probes(0);
+        assert!(sent >= 1, "the first round had no writer yet");
+        assert_eq!(checker.caught_up(1), sent, "b has all the writer had");
+        assert_eq!(checker.caught_up(2), 0, "c is behind every writer probe");
+        assert_eq!(checker.least_caught_up(0), 0);
+        script.set("c", Answer::StandbyAt(0, 500));
+        settle(&checker);
+        assert_eq!(checker.caught_up(2), checker.writer_probes(0));
+        checker.stop(true);
+    }
+
+    #[test]
+    fn rounds_open_when_the_scheduler_panicked_still_complete() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Hang);
+        let dbha = [
+            ("CONNECT_TIMEOUT", Value::Float(0.5)),
+            ("CHECK_INTERVAL", Value::Int(60)),
+        ];
+        let checker = start(&ABC, &dbha, &script);
+        let ticket = checker.request_round(None);
+        thread::sleep(Duration::from_millis(50));
+        {
+            let mut control = checker.shared.control.lock();
+            control.panic_now = true;
+            control.wake();
+        }
+        assert!(
+            checker.wait_for_round(ticket, Duration::from_secs(3)),
+            "orphaned"
+        );
+        for _ in 0..5 {
+            settle(&checker);
+        }
+        assert!(checker.shared.control.lock().completed.len() <= 2);
         checker.stop(true);
     }
 

@@ -1,54 +1,102 @@
 //! Writer selection: which node of a group takes writes, and which other
-//! primaries are fenced off as split-brain rivals.
+//! primaries are fenced off: abandoned by a promotion, or split-brain rivals.
 
 use std::ops::Range;
 
-use super::config::{Failback, ReadMode, Reads};
+use super::config::Failback;
 use super::state::NodeHealth;
 use crate::engines::Role;
 
 /// The group's writer after a probe round, or `None` when there is none.
 ///
 /// Nodes probed with `role` take writes only while they report primary; a
-/// standby never does. Writes are sticky: they stay on the current writer
-/// while it is up, even when a higher-priority node comes back, because that
-/// node may hold stale or diverged data. Two rules move them sooner:
+/// standby never does. Of several primaries:
 ///
-/// - a writer that failed its latest probe (or was demoted) gives way at once,
-///   without waiting for FALL, to another node that reports primary: that is
-///   a promotion;
-/// - of several primaries, a healthy writer keeps the writes (they never flip
-///   between two primaries) and the others are fenced in `fenced` until they
-///   report standby. A rival with a higher PostgreSQL timeline was promoted
-///   after the writer, so it is not fenced: it takes over if the writer fails.
+/// - the newest timeline wins: a primary on a higher timeline than another
+///   was promoted after it, and the other was abandoned by that promotion
+///   (every write it takes is lost). The newest takes the writes as soon as
+///   a probe sees it, whoever had them; the older ones are fenced until they
+///   report standby, or a timeline above every other primary's;
+/// - on equal (or unknown) timelines, a healthy writer keeps the writes
+///   (they never flip between two primaries) and the others are fenced: a
+///   split brain;
+/// - a writer that failed its latest probe (or was demoted) gives way at
+///   once, without waiting for FALL, to another node that reports primary:
+///   that is a promotion.
 ///
-/// Nodes without role information (`tcp`, `handshake` probes) take writes
-/// only when no node reports primary; `Failback::Auto` returns those to the
-/// highest-priority node that is up.
+/// Writes are sticky otherwise: they stay on the current writer while it is
+/// up, even when a higher-priority node comes back, because that node may
+/// hold stale or diverged data. Nodes without role information (`tcp`,
+/// `handshake` probes) take writes only when no node reports primary;
+/// `Failback::Auto` returns those to the highest-priority node that is up.
 pub fn choose_writer(
     members: Range<usize>,
     nodes: &[NodeHealth],
     fenced: &mut [bool],
+    newest_timeline: &mut Option<u64>,
     current: Option<usize>,
     failback: Failback,
 ) -> Option<usize> {
+    let primaries: Vec<usize> = members.clone().filter(|&i| nodes[i].is_primary()).collect();
     for i in members.clone() {
         if nodes[i].role == Some(Role::Standby) {
             fenced[i] = false;
         }
     }
-    let writer = pick(members.clone(), nodes, fenced, current, failback);
+    update_newest_timeline(members.clone(), nodes, &primaries, newest_timeline);
+    if let Some(newest) = *newest_timeline {
+        let on_newest: Vec<usize> = primaries
+            .iter()
+            .copied()
+            .filter(|&i| nodes[i].timeline == Some(newest))
+            .collect();
+        // Alone on the newest timeline: the latest promotion, fenced or not.
+        if let [alone] = on_newest[..] {
+            fenced[alone] = false;
+        }
+        for &i in &primaries {
+            if nodes[i].timeline.is_some_and(|t| t < newest) {
+                fenced[i] = true;
+            }
+        }
+    }
+    let writer = pick(members, nodes, fenced, current, failback);
+    // Split brain: other primaries that are not newer than the writer.
     if let Some(writer) = writer.filter(|&w| nodes[w].is_primary()) {
-        for i in members {
-            let older = nodes[i]
-                .timeline
-                .is_none_or(|t| nodes[writer].timeline.is_none_or(|w| t <= w));
-            if i != writer && nodes[i].is_primary() && older {
+        for &i in &primaries {
+            let newer = matches!(
+                (nodes[i].timeline, nodes[writer].timeline),
+                (Some(t), Some(w)) if t > w
+            );
+            if i != writer && !newer {
                 fenced[i] = true;
             }
         }
     }
     writer
+}
+
+/// The newest timeline the group's primaries have shown. It is remembered
+/// while its primary is down, so that an older primary coming back does not
+/// look newest; it is forgotten only when every member answers and none is
+/// a primary on it (the cluster was deliberately taken back, or rebuilt).
+fn update_newest_timeline(
+    members: Range<usize>,
+    nodes: &[NodeHealth],
+    primaries: &[usize],
+    newest: &mut Option<u64>,
+) {
+    let seen = primaries.iter().filter_map(|&i| nodes[i].timeline).max();
+    let all_answer = members
+        .clone()
+        .all(|i| nodes[i].is_up() && nodes[i].failures == 0);
+    let top_gone =
+        newest.is_some_and(|top| !primaries.iter().any(|&i| nodes[i].timeline == Some(top)));
+    *newest = if all_answer && top_gone {
+        seen
+    } else {
+        (*newest).max(seen)
+    };
 }
 
 fn pick(
@@ -63,7 +111,7 @@ fn pick(
             .clone()
             .filter(|&i| nodes[i].is_primary() && !fenced[i] && Some(i) != current)
     };
-    if let Some(writer) = current {
+    if let Some(writer) = current.filter(|&w| !fenced[w]) {
         let node = &nodes[writer];
         if node.is_primary() {
             if node.is_suspect() {
@@ -82,41 +130,6 @@ fn pick(
             .clone()
             .find(|&i| nodes[i].is_up() && nodes[i].role.is_none())
     })
-}
-
-/// The nodes that may serve reads, as a mask of bits relative to the group's
-/// first node: standbys that are up and at most `max_lag` behind (a lag the
-/// probe could not measure does not qualify), plus the writer with
-/// `ReadMode::Any`. Empty means "read from the writer".
-pub fn choose_readers(
-    members: Range<usize>,
-    nodes: &[NodeHealth],
-    writer: Option<usize>,
-    reads: &Reads,
-) -> u64 {
-    if reads.mode == ReadMode::Writer {
-        return 0;
-    }
-    members.clone().fold(0, |mask, i| {
-        let node = &nodes[i];
-        let fresh_standby = node.is_up()
-            && node.role == Some(Role::Standby)
-            && node.lag.is_some_and(|lag| lag <= reads.max_lag);
-        let writer_too = reads.mode == ReadMode::Any && Some(i) == writer;
-        if fresh_standby || writer_too {
-            mask | 1 << (i - members.start)
-        } else {
-            mask
-        }
-    })
-}
-
-/// The reader with the lowest latency in its last probe.
-pub fn fastest_reader(members: Range<usize>, nodes: &[NodeHealth], readers: u64) -> Option<usize> {
-    members
-        .clone()
-        .filter(|&i| readers & (1 << (i - members.start)) != 0)
-        .min_by_key(|&i| nodes[i].latency.unwrap_or(std::time::Duration::MAX))
 }
 
 /// The primary promoted last (highest timeline), else the first in priority.
@@ -145,7 +158,49 @@ mod tests {
     }
 
     fn choose(n: &[NodeHealth], current: Option<usize>, failback: Failback) -> Option<usize> {
-        choose_writer(0..n.len(), n, &mut vec![false; n.len()], current, failback)
+        choose_writer(
+            0..n.len(),
+            n,
+            &mut vec![false; n.len()],
+            &mut None,
+            current,
+            failback,
+        )
+    }
+
+    /// Chooses with remembered fences and newest timeline, as the checker does.
+    struct Group {
+        fenced: Vec<bool>,
+        newest: Option<u64>,
+    }
+
+    impl Group {
+        fn new(size: usize) -> Self {
+            Self {
+                fenced: vec![false; size],
+                newest: None,
+            }
+        }
+
+        fn choose(&mut self, n: &[NodeHealth], current: Option<usize>) -> Option<usize> {
+            choose_writer(
+                0..n.len(),
+                n,
+                &mut self.fenced,
+                &mut self.newest,
+                current,
+                Failback::Sticky,
+            )
+        }
+    }
+
+    /// `cluster(roles)` with timelines (0: none).
+    fn on_timelines(roles: &str, timelines: &[u64]) -> Vec<NodeHealth> {
+        let mut n = cluster(roles);
+        for (node, &t) in n.iter_mut().zip(timelines) {
+            node.timeline = (t > 0).then_some(t);
+        }
+        n
     }
 
     /// Role-probed nodes: `P` primary, `S` standby, `D` down (was primary),
@@ -207,7 +262,7 @@ mod tests {
     fn only_the_group_members_count() {
         let n = nodes(&[Up, Down, Up]);
         assert_eq!(
-            choose_writer(1..3, &n, &mut [false; 3], None, Failback::Sticky),
+            choose_writer(1..3, &n, &mut [false; 3], &mut None, None, Failback::Sticky),
             Some(2)
         );
     }
@@ -235,100 +290,81 @@ mod tests {
 
     #[test]
     fn split_brain_keeps_the_writer_and_fences_the_rival() {
-        let n = cluster("PSP");
-        let mut fenced = [false; 3];
-        assert_eq!(
-            choose_writer(0..3, &n, &mut fenced, Some(2), Failback::Auto),
-            Some(2)
-        );
-        assert_eq!(fenced, [true, false, false]);
+        let mut group = Group::new(3);
+        assert_eq!(group.choose(&cluster("PSP"), Some(2)), Some(2));
+        assert_eq!(group.fenced, [true, false, false]);
         // The writer fails: the fenced rival never gets the writes.
-        let n = cluster("PSD");
+        assert_eq!(group.choose(&cluster("PSD"), Some(2)), None);
+        // It rejoins as a standby: the fence lifts.
+        assert_eq!(group.choose(&cluster("SSP"), Some(2)), Some(2));
+        assert_eq!(group.fenced, [false; 3]);
+    }
+
+    #[test]
+    fn the_newest_timeline_wins_at_once() {
+        // failover2 promoted while the old primary still runs and answers
+        // (a partition between the database nodes).
+        let mut group = Group::new(3);
+        assert_eq!(group.choose(&on_timelines("PSS", &[1]), None), Some(0));
+        let partitioned = on_timelines("PSP", &[1, 0, 2]);
         assert_eq!(
-            choose_writer(0..3, &n, &mut fenced, Some(2), Failback::Sticky),
+            group.choose(&partitioned, Some(0)),
+            Some(2),
+            "no waiting for a failure"
+        );
+        assert_eq!(group.fenced, [true, false, false]);
+        // It stays fenced, also while the new writer is down ...
+        assert_eq!(
+            group.choose(&on_timelines("PSD", &[1, 0, 2]), Some(2)),
             None
         );
-        // It rejoins as a standby: the fence lifts.
-        let n = cluster("SSP");
+        assert_eq!(group.fenced, [true, false, false]);
+        // ... until it reports standby (rewound and rejoined) ...
         assert_eq!(
-            choose_writer(0..3, &n, &mut fenced, Some(2), Failback::Sticky),
+            group.choose(&on_timelines("SSP", &[0, 0, 2]), Some(2)),
             Some(2)
         );
-        assert_eq!(fenced, [false; 3]);
-    }
-
-    #[test]
-    fn a_rival_with_a_newer_timeline_is_not_fenced() {
-        let mut n = cluster("PSP");
-        n[0].timeline = Some(1);
-        n[2].timeline = Some(2);
-        let mut fenced = [false; 3];
-        // A stale writer keeps the writes while healthy (no flip) ...
+        assert_eq!(group.fenced, [false; 3]);
+        // ... or a timeline above every other primary's (promoted again).
+        let mut group = Group::new(3);
+        group.choose(&on_timelines("PSP", &[1, 0, 2]), Some(2));
+        assert_eq!(group.fenced, [true, false, false]);
         assert_eq!(
-            choose_writer(0..3, &n, &mut fenced, Some(0), Failback::Sticky),
+            group.choose(&on_timelines("PSP", &[3, 0, 2]), Some(2)),
             Some(0)
         );
-        assert_eq!(fenced, [false; 3]);
-        // ... and a fresh process picks the newest promotion, fencing the other.
+        assert_eq!(group.fenced, [false, false, true]);
+    }
+
+    #[test]
+    fn equal_timelines_keep_the_current_writer() {
+        let mut group = Group::new(2);
+        assert_eq!(group.choose(&on_timelines("PP", &[2, 2]), Some(1)), Some(1));
+        assert_eq!(group.fenced, [true, false]);
+    }
+
+    #[test]
+    fn a_fresh_chooser_picks_the_newest_promotion() {
+        let mut group = Group::new(3);
         assert_eq!(
-            choose_writer(0..3, &n, &mut fenced, None, Failback::Sticky),
+            group.choose(&on_timelines("PSP", &[1, 0, 2]), None),
             Some(2)
         );
-        assert_eq!(fenced, [true, false, false]);
-    }
-
-    fn reads(mode: ReadMode) -> Reads {
-        Reads {
-            mode,
-            max_lag: std::time::Duration::from_secs(5),
-            balance: crate::checker::config::Balance::RoundRobin,
-            writer_only: Vec::new(),
-        }
+        assert_eq!(group.fenced, [true, false, false]);
     }
 
     #[test]
-    fn readers_are_fresh_standbys() {
-        use std::time::Duration;
-        let mut n = cluster("PSSS");
-        n[1].lag = Some(Duration::ZERO);
-        n[2].lag = Some(Duration::from_secs(9));
-        n[3].lag = None;
-        assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Replicas)),
-            0b0010
-        );
-        assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Any)),
-            0b0011
-        );
-        assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Writer)),
-            0
-        );
-        n[1].health = Down;
-        assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Replicas)),
-            0
-        );
-        // Offsets are relative to the group.
-        let mut two = cluster("SPS");
-        two[0].lag = Some(Duration::ZERO);
-        two[2].lag = Some(Duration::ZERO);
-        assert_eq!(
-            choose_readers(1..3, &two, Some(1), &reads(ReadMode::Any)),
-            0b11
-        );
-    }
-
-    #[test]
-    fn fastest_reader_by_latency() {
-        use std::time::Duration;
-        let mut n = cluster("PSS");
-        n[1].latency = Some(Duration::from_millis(5));
-        n[2].latency = Some(Duration::from_millis(1));
-        assert_eq!(fastest_reader(0..3, &n, 0b110), Some(2));
-        assert_eq!(fastest_reader(0..3, &n, 0b010), Some(1));
-        assert_eq!(fastest_reader(0..3, &n, 0), None);
+    fn the_newest_timeline_is_remembered_while_its_primary_is_down() {
+        let mut group = Group::new(2);
+        group.choose(&on_timelines("DP", &[1, 2]), Some(1));
+        // The newer primary goes down; the older one, up, stays fenced.
+        assert_eq!(group.choose(&on_timelines("PD", &[1, 2]), Some(1)), None);
+        assert_eq!(group.newest, Some(2));
+        assert_eq!(group.fenced, [true, false]);
+        // Every member answers and none is on timeline 2: forgotten (the
+        // cluster was taken back on purpose).
+        assert_eq!(group.choose(&on_timelines("PS", &[1, 0]), Some(1)), Some(0));
+        assert_eq!(group.newest, Some(1));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Per-node health: `unknown` → `up`/`down`, with RISE/FALL hysteresis.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::engines::{Observation, Role};
 use crate::net::Failure;
@@ -28,6 +28,12 @@ impl Health {
 pub struct ProbeOutcome {
     pub result: Result<Observation, Failure>,
     pub latency: Duration,
+    /// A failure two independent attempts agree on (the server ended the
+    /// kept session and a fresh connection failed too): the node is down at
+    /// once, without waiting for FALL.
+    pub confirmed: bool,
+    /// When the probe began: its lag was measured no earlier.
+    pub started: Instant,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -42,11 +48,15 @@ pub struct NodeHealth {
     /// Why the last probe failed; `None` when it succeeded.
     pub last_error: Option<Failure>,
     pub checked_at: Option<SystemTime>,
-    /// Role, lag and timeline from the last successful probe (all `None`
-    /// unless the node uses the `role` probe).
+    /// Role, lag, timeline and position from the last successful probe
+    /// (all `None` unless the node uses the `role` probe).
     pub role: Option<Role>,
     pub lag: Option<Duration>,
     pub timeline: Option<u64>,
+    pub position: Option<u64>,
+    /// When the last successful probe began: its lag is a bound only for
+    /// that moment, and grows by the time since.
+    pub measured_at: Option<Instant>,
 }
 
 impl Default for NodeHealth {
@@ -61,6 +71,8 @@ impl Default for NodeHealth {
             role: None,
             lag: None,
             timeline: None,
+            position: None,
+            measured_at: None,
         }
     }
 }
@@ -71,7 +83,8 @@ impl NodeHealth {
     /// The first outcome decides an unknown node at once, so that a process
     /// gets an informed answer after one round; after that a node changes
     /// only after `rise` successes or `fall` failures in a row, so that one
-    /// lost packet does not move writes.
+    /// lost packet does not move writes. A confirmed failure is not a lost
+    /// packet: it takes the node down at once.
     pub fn record(
         &mut self,
         outcome: ProbeOutcome,
@@ -87,6 +100,8 @@ impl NodeHealth {
                 self.role = observation.role;
                 self.lag = observation.lag;
                 self.timeline = observation.timeline;
+                self.position = observation.position;
+                self.measured_at = Some(outcome.started);
                 self.successes = self.successes.saturating_add(1);
                 self.failures = 0;
                 self.last_error = None;
@@ -98,7 +113,9 @@ impl NodeHealth {
                 self.failures = self.failures.saturating_add(1);
                 self.successes = 0;
                 self.last_error = Some(failure);
-                if before == Health::Unknown || (before == Health::Up && self.failures >= fall) {
+                if before == Health::Unknown
+                    || (before == Health::Up && (self.failures >= fall || outcome.confirmed))
+                {
                     self.health = Health::Down;
                 }
             }
@@ -130,24 +147,33 @@ impl NodeHealth {
     pub fn is_suspect(&self) -> bool {
         self.is_up() && self.failures > 0
     }
+
+    /// The lag bound that holds now: the measured lag plus the time since
+    /// it was measured (replay may have stopped the moment after).
+    pub fn lag_bound(&self, now: Instant) -> Option<Duration> {
+        Some(self.lag? + now.saturating_duration_since(self.measured_at?))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn ok() -> ProbeOutcome {
+    fn outcome(result: Result<Observation, Failure>) -> ProbeOutcome {
         ProbeOutcome {
-            result: Ok(Observation::default()),
+            result,
             latency: Duration::from_millis(1),
+            confirmed: false,
+            started: Instant::now(),
         }
     }
 
+    fn ok() -> ProbeOutcome {
+        outcome(Ok(Observation::default()))
+    }
+
     fn refused() -> ProbeOutcome {
-        ProbeOutcome {
-            result: Err(Failure::Refused),
-            latency: Duration::from_millis(1),
-        }
+        outcome(Err(Failure::Refused))
     }
 
     fn run(node: &mut NodeHealth, outcome: ProbeOutcome) -> Option<Health> {
@@ -193,10 +219,16 @@ mod tests {
     fn records_latency_and_time() {
         let mut node = NodeHealth::default();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+        let started = Instant::now();
         node.record(
             ProbeOutcome {
-                result: Ok(Observation::default()),
+                result: Ok(Observation {
+                    lag: Some(Duration::from_secs(2)),
+                    ..Observation::default()
+                }),
                 latency: Duration::from_millis(3),
+                confirmed: false,
+                started,
             },
             1,
             1,
@@ -204,5 +236,21 @@ mod tests {
         );
         assert_eq!(node.latency, Some(Duration::from_millis(3)));
         assert_eq!(node.checked_at, Some(at));
+        assert_eq!(node.measured_at, Some(started));
+        // The bound grows with the time since the measurement.
+        let later = started + Duration::from_millis(1500);
+        assert_eq!(node.lag_bound(later), Some(Duration::from_millis(3500)));
+    }
+
+    #[test]
+    fn a_confirmed_failure_takes_the_node_down_at_once() {
+        let mut node = NodeHealth::default();
+        run(&mut node, ok());
+        let confirmed = ProbeOutcome {
+            confirmed: true,
+            ..refused()
+        };
+        assert_eq!(run(&mut node, confirmed), Some(Health::Down));
+        assert_eq!(node.failures, 1, "FALL is 3");
     }
 }
