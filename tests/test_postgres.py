@@ -281,6 +281,7 @@ def test_status_records_convert_to_dicts_without_secrets(cluster: Cluster) -> No
         "role",
         "latency",
         "lag",
+        "timeline",
         "last_error",
         "checked_at",
         "successes",

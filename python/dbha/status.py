@@ -23,8 +23,14 @@ class NodeStatus:
     role: str
     #: Duration of the last probe in seconds.
     latency: float | None
-    #: A standby's replication lag in seconds (None: unknown).
+    #: A standby's replication lag in seconds, as last measured (None:
+    #: unknown). Reads go to it only while this plus the time since
+    #: `checked_at` is within `MAX_REPLICA_LAG`.
     lag: float | None
+    #: A primary's timeline (PostgreSQL), or the GTID sequence number at
+    #: which it began taking writes (MariaDB): of two primaries, the newest
+    #: promotion has the higher one. None for standbys and other engines.
+    timeline: int | None
     #: Why the last probe failed (None if it succeeded): "connection
     #: refused", "timeout", "DNS failure: ...", "bad handshake: ...", ...
     last_error: str | None
@@ -34,8 +40,9 @@ class NodeStatus:
     failures: int
     #: Whether writes of the group go here now.
     is_writer: bool
-    #: A primary kept out of writes because another primary of its group
-    #: takes them (split brain), until it reports standby.
+    #: A primary kept out of writes, until it reports standby: a promotion
+    #: abandoned it (an older timeline), or another primary of its group on
+    #: the same timeline takes the writes (split brain).
     split_brain: bool
 
     def as_dict(self) -> dict[str, Any]:
@@ -46,33 +53,23 @@ def status(group: str | None = None) -> list[NodeStatus]:
     """One record per alias (of `group`), in priority order."""
     return [
         NodeStatus(
-            alias,
-            group_name,
-            state,
-            role,
-            latency,
-            lag,
-            last_error,
-            None if checked_at is None else datetime.fromtimestamp(checked_at, timezone.utc),
-            successes,
-            failures,
-            is_writer,
-            split_brain,
+            alias=record.alias,
+            group=record.group,
+            state=record.state,
+            role=record.role,
+            latency=record.latency,
+            lag=record.lag,
+            timeline=record.timeline,
+            last_error=record.last_error,
+            checked_at=None
+            if record.checked_at is None
+            else datetime.fromtimestamp(record.checked_at, timezone.utc),
+            successes=record.successes,
+            failures=record.failures,
+            is_writer=record.is_writer,
+            split_brain=record.split_brain,
         )
-        for (
-            alias,
-            group_name,
-            state,
-            role,
-            latency,
-            lag,
-            last_error,
-            checked_at,
-            successes,
-            failures,
-            is_writer,
-            split_brain,
-        ) in _core.status(group)
+        for record in _core.status(group)
     ]
 
 

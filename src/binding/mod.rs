@@ -3,6 +3,7 @@
 //! conversion.
 
 mod log;
+mod record;
 mod router;
 mod runtime;
 mod value;
@@ -11,7 +12,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
-use runtime::{status_rows, wait_detached, with_runtime, StatusRow};
+use record::NodeRecord;
+use runtime::{wait_detached, with_runtime};
 
 /// The alias to write to in `group` (default: the first group).
 ///
@@ -38,12 +40,12 @@ fn read_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
 /// Status rows for every alias (of `group`).
 #[pyfunction]
 #[pyo3(signature = (group=None))]
-fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<StatusRow>> {
+fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<NodeRecord>> {
     with_runtime(py, |runtime| {
         let group = group
             .map(|name| runtime.group_index(Some(name)))
             .transpose()?;
-        Ok(status_rows(runtime, group))
+        Ok(record::records(runtime, group))
     })
 }
 
@@ -115,6 +117,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::install_fork_handler();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<router::ModelDatabaseRouter>()?;
+    m.add_class::<NodeRecord>()?;
     m.add_function(wrap_pyfunction!(available_db, m)?)?;
     m.add_function(wrap_pyfunction!(read_db, m)?)?;
     m.add_function(wrap_pyfunction!(status, m)?)?;

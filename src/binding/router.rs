@@ -48,7 +48,7 @@ impl ModelDatabaseRouter {
         with_runtime(py, |runtime| {
             let route = runtime.model_route(py, model)?;
             if route.writer_reads {
-                runtime.writer(py, route.group)
+                runtime.route_writer(py, route.group)
             } else {
                 runtime.reader(py, route.group)
             }

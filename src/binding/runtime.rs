@@ -2,22 +2,21 @@
 //! settings on first use, restarted in the child after a fork, and read
 //! lock-free on the hot path.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use parking_lot::{Mutex, MutexGuard};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 use super::log as py_log;
 use super::value::to_value;
-use crate::checker::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
+use crate::checker::config::{Config, ConfigError, OnAllDown, ReadMode};
+use crate::checker::reads::{caught_up_mask, model_route, pick_reader, ModelRoute};
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
-use crate::engines::Role;
 
 pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
 pyo3::import_exception!(dbha.exceptions, NoHealthyDatabase);
@@ -40,9 +39,34 @@ thread_local! {
     /// itself costs as much again as a Python function call.
     static CURRENT: RefCell<(u64, Option<Arc<Runtime>>)> = const { RefCell::new((0, None)) };
 }
-/// Serialises starting a runtime. Only ever locked detached from the
-/// interpreter (see `lock_detached`), so it cannot deadlock with the GIL.
-static START: Mutex<()> = Mutex::new(());
+
+/// Serialises starting and dropping a runtime. A flag rather than a mutex:
+/// the fork handler must be able to release it in the child (a thread of
+/// the parent may have held it at the fork, and that thread does not exist
+/// there), which only an atomic store does safely.
+static STARTING: AtomicBool = AtomicBool::new(false);
+
+struct StartGuard;
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        STARTING.store(false, Ordering::Release);
+    }
+}
+
+/// Takes the start flag, waiting for it detached from the interpreter (the
+/// holder may need the interpreter to finish).
+fn lock_start(py: Python<'_>) -> StartGuard {
+    loop {
+        if STARTING
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            return StartGuard;
+        }
+        py.detach(|| std::thread::sleep(Duration::from_millis(1)));
+    }
+}
 
 pub struct Runtime {
     generation: u64,
@@ -55,16 +79,10 @@ pub struct Runtime {
     model_routes: Option<Py<PyDict>>,
     /// What pins reads to the writer, when reads may go elsewhere.
     pins: Option<ReadPins>,
+    /// Reads may go to standbys and must then see this context's writes.
+    tracks_writes: bool,
     /// Set once the first probe round is in (or its wait timed out).
     informed: AtomicBool,
-}
-
-/// Where a model's queries go.
-#[derive(Clone, Copy)]
-pub struct ModelRoute {
-    pub group: usize,
-    /// `WRITER_READS`: its reads stay on the writer (sessions, auth).
-    pub writer_reads: bool,
 }
 
 /// What keeps reads on the writer: `dbha.use_writer()` (a `ContextVar`)
@@ -78,16 +96,49 @@ struct ReadPins {
 /// the router need not look up the `ContextVar`.
 static OPEN_WRITER_PINS: AtomicUsize = AtomicUsize::new(0);
 
-/// Numbers runtimes, so that per-thread caches can tell them apart.
+/// Numbers runtimes, so that per-thread state can tell them apart.
 static RUNTIME_IDS: AtomicU64 = AtomicU64::new(0);
 
-thread_local! {
+/// A write in this context that no read has followed yet (see `reader`).
+const WRITE_PENDING: u64 = u64::MAX;
+
+/// What the hot path keeps per thread, for the runtime with id `runtime`.
+struct ThreadReads {
+    runtime: u64,
     /// Round-robin position; per thread, so readers share no counter.
-    static NEXT_READER: Cell<u32> = const { Cell::new(0) };
-    /// This thread's Django connection objects (`connections[alias]`) by
-    /// node, for the runtime with this id. Django keeps one per thread and
-    /// alias for good, and looking it up costs a microsecond.
-    static CONNECTIONS: RefCell<(u64, Vec<Option<Py<PyAny>>>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    turn: u32,
+    /// Per group: 0 (no write), `WRITE_PENDING`, or the writer probe number
+    /// a standby must have caught up with to serve this thread's reads.
+    writes: Vec<u64>,
+    /// Django's connection objects (`connections[alias]`) by node. Django
+    /// keeps one per thread and alias for good, and looking it up costs a
+    /// microsecond.
+    connections: Vec<Option<Py<PyAny>>>,
+}
+
+impl ThreadReads {
+    /// This thread's state for `runtime`, reset when the runtime changed.
+    fn of(&mut self, runtime: &Runtime) -> &mut Self {
+        if self.runtime != runtime.id {
+            self.runtime = runtime.id;
+            self.writes.clear();
+            self.writes.resize(runtime.config().groups.len(), 0);
+            self.connections.clear();
+            self.connections.resize_with(runtime.aliases.len(), || None);
+        }
+        self
+    }
+}
+
+thread_local! {
+    static THREAD: RefCell<ThreadReads> = const {
+        RefCell::new(ThreadReads {
+            runtime: u64::MAX,
+            turn: 0,
+            writes: Vec::new(),
+            connections: Vec::new(),
+        })
+    };
 }
 
 /// `use_writer()` entered (`true`) or left.
@@ -142,20 +193,8 @@ impl Runtime {
                 let meta = model.getattr(pyo3::intern!(py, "_meta"))?;
                 let label: String = meta.getattr(pyo3::intern!(py, "label_lower"))?.extract()?;
                 let app_label: String = meta.getattr(pyo3::intern!(py, "app_label"))?.extract()?;
-                let app_label = app_label.to_lowercase();
-                let config = self.config();
-                let group = config
-                    .routes
-                    .get(&label)
-                    .or_else(|| config.routes.get(&app_label))
-                    .copied()
-                    .unwrap_or(0);
-                let writer_reads = config
-                    .reads
-                    .writer_only
-                    .iter()
-                    .any(|l| *l == label || *l == app_label);
-                let packed = group << 1 | usize::from(writer_reads);
+                let route = model_route(self.config(), &label, &app_label.to_lowercase());
+                let packed = route.group << 1 | usize::from(route.writer_reads);
                 cache.set_item(model, packed)?;
                 packed
             }
@@ -166,24 +205,69 @@ impl Runtime {
         })
     }
 
-    /// The alias to read from in `group`: a fresh standby (`READS`,
-    /// `LOAD_BALANCE`), or the writer when none qualifies or reads are
-    /// pinned to it.
+    /// The alias to write to in `group`; notes the write for this thread's
+    /// reads that follow (read-your-writes).
+    #[inline]
+    pub fn writer(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
+        if self.tracks_writes {
+            THREAD.with_borrow_mut(|thread| thread.of(self).writes[group] = WRITE_PENDING);
+        }
+        self.route_writer(py, group)
+    }
+
+    /// The alias writes go to, noting nothing (reads of `WRITER_READS`
+    /// models).
+    #[inline]
+    pub fn route_writer(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
+        match self.checker.route(group) {
+            Route::Healthy(node) => Ok(self.aliases[node].clone_ref(py)),
+            Route::AllDown(node) => match self.config().on_all_down {
+                OnAllDown::Last => Ok(self.aliases[node].clone_ref(py)),
+                OnAllDown::Raise => Err(NoHealthyDatabase::new_err(self.all_down_message(group))),
+            },
+        }
+    }
+
+    /// The alias to read from in `group`: a standby whose lag bound holds
+    /// (`READS`, `LOAD_BALANCE`) and that has this thread's writes, or the
+    /// writer when none qualifies or reads are pinned to it.
     pub fn reader(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
         let readers = self.checker.readers(group);
         if readers == 0 || self.reads_pinned(py, group)? {
-            return self.writer(py, group);
+            return self.route_writer(py, group);
         }
         let first = self.config().groups[group].members.start;
-        let count = readers.count_ones();
-        let node = match self.config().reads.balance {
-            Balance::Latency => self.checker.fastest_reader(group),
-            Balance::RoundRobin => Some(first + nth_set_bit(readers, NEXT_READER.get() % count)),
-            Balance::Random => Some(first + nth_set_bit(readers, fastrand::u32(..count))),
+        let picked = THREAD.with_borrow_mut(|thread| {
+            let thread = thread.of(self);
+            let mut mask = readers;
+            let mut needed = thread.writes[group];
+            if needed == WRITE_PENDING {
+                // The write has committed by now: a writer probe sent from
+                // now on finds it.
+                needed = self.checker.writer_probes(group) + 1;
+                thread.writes[group] = needed;
+            }
+            if needed > self.checker.least_caught_up(group) {
+                mask = caught_up_mask(mask, needed, |bit| {
+                    self.checker.caught_up(first + bit as usize)
+                });
+            }
+            if mask == 0 {
+                return None;
+            }
+            let fastest = self
+                .checker
+                .fastest_reader(group)
+                .and_then(|node| u32::try_from(node - first).ok());
+            let balance = self.config().reads.balance;
+            let bit = pick_reader(mask, balance, thread.turn, fastrand::u32(..), fastest);
+            thread.turn = thread.turn.wrapping_add(1);
+            Some(first + bit as usize)
+        });
+        match picked {
+            Some(node) => Ok(self.aliases[node].clone_ref(py)),
+            None => self.route_writer(py, group),
         }
-        .unwrap_or(first + readers.trailing_zeros() as usize);
-        NEXT_READER.set(NEXT_READER.get().wrapping_add(1));
-        Ok(self.aliases[node].clone_ref(py))
     }
 
     fn reads_pinned(&self, py: Python<'_>, group: usize) -> PyResult<bool> {
@@ -198,7 +282,7 @@ impl Runtime {
         {
             return Ok(true);
         }
-        let (Route::Healthy(writer) | Route::AllDown(writer)) = self.checker.route(group);
+        let writer = self.checker.route(group).node();
         let Some(connection) = self.django_connection(py, pins, writer)? else {
             return Ok(false);
         };
@@ -216,14 +300,13 @@ impl Runtime {
         pins: &ReadPins,
         node: usize,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let cached = CONNECTIONS.with_borrow(|(id, by_node)| {
-            let connection = by_node.get(node).and_then(Option::as_ref);
-            connection
-                .filter(|_| *id == self.id)
+        let cached = THREAD.with_borrow_mut(|thread| {
+            thread.of(self).connections[node]
+                .as_ref()
                 .map(|c| c.clone_ref(py))
         });
-        if let Some(connection) = cached {
-            return Ok(Some(connection));
+        if cached.is_some() {
+            return Ok(cached);
         }
         let connection = match pins
             .connections
@@ -234,27 +317,10 @@ impl Runtime {
             Err(e) if e.is_instance_of::<ConnectionDoesNotExist>(py) => return Ok(None),
             Err(e) => return Err(e),
         };
-        CONNECTIONS.with_borrow_mut(|(id, by_node)| {
-            if *id != self.id {
-                *id = self.id;
-                by_node.clear();
-            }
-            by_node.resize_with(self.aliases.len(), || None);
-            by_node[node] = Some(connection.clone_ref(py));
+        THREAD.with_borrow_mut(|thread| {
+            thread.of(self).connections[node] = Some(connection.clone_ref(py));
         });
         Ok(Some(connection))
-    }
-
-    /// The alias to write to in `group`.
-    #[inline]
-    pub fn writer(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
-        match self.checker.route(group) {
-            Route::Healthy(node) => Ok(self.aliases[node].clone_ref(py)),
-            Route::AllDown(node) => match self.config().on_all_down {
-                OnAllDown::Last => Ok(self.aliases[node].clone_ref(py)),
-                OnAllDown::Raise => Err(NoHealthyDatabase::new_err(self.all_down_message(group))),
-            },
-        }
     }
 
     #[cold]
@@ -288,20 +354,12 @@ pub fn with_runtime<R>(py: Python<'_>, f: impl FnOnce(&Runtime) -> PyResult<R>) 
     })
 }
 
-/// The position of the `n`th set bit of `mask` (`n` < its count of ones).
-fn nth_set_bit(mut mask: u64, n: u32) -> usize {
-    for _ in 0..n {
-        mask &= mask - 1;
-    }
-    mask.trailing_zeros() as usize
-}
-
 /// The current runtime, informed by its first round: started if there is
 /// none, or none of this process's own (after a fork).
 #[cold]
 fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
     let runtime = {
-        let _start = lock_detached(py, &START);
+        let _start = lock_start(py);
         let generation = FORK_GENERATION.load(Ordering::Relaxed);
         let current = RUNTIME.load_full();
         match current {
@@ -354,6 +412,7 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
     if !py_log::running() {
         py_log::start();
     }
+    let tracks_writes = replica_reads && config.reads.read_your_writes;
     let checker = Checker::start(config, Arc::new(NetworkProber), seed).map_err(|e| {
         PyOSError::new_err(format!("dbha: cannot start the health checker thread: {e}"))
     })?;
@@ -364,6 +423,7 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         aliases,
         model_routes,
         pins,
+        tracks_writes,
         informed: AtomicBool::new(seed.is_some()),
     })
 }
@@ -384,16 +444,6 @@ pub fn config_from(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyR
 
 fn improperly_configured(e: &ConfigError) -> PyErr {
     ImproperlyConfigured::new_err(format!("dbha: {e}"))
-}
-
-/// Takes `lock` without holding the interpreter while waiting for it.
-fn lock_detached<'a>(py: Python<'_>, lock: &'a Mutex<()>) -> MutexGuard<'a, ()> {
-    loop {
-        if let Some(guard) = lock.try_lock() {
-            return guard;
-        }
-        py.detach(|| drop(lock.lock()));
-    }
 }
 
 /// Runs `wait` detached from the interpreter in short slices until it
@@ -417,31 +467,52 @@ pub fn wait_detached(
 }
 
 /// Drops the runtime so that the next call reads settings afresh
-/// (`setting_changed`). With `join`, also waits for its threads.
+/// (`setting_changed`). With `join`, also stops its threads and waits for
+/// them: without holding the start flag, so that a log handler that calls
+/// dbha while its records are delivered gets an answer (from the runtime
+/// being closed) instead of waiting for us forever.
 pub fn reset(py: Python<'_>, join: bool) {
-    let _start = lock_detached(py, &START);
-    let Some(runtime) = RUNTIME.swap(None) else {
-        return;
+    let runtime = {
+        let _start = lock_start(py);
+        let Some(runtime) = RUNTIME.load_full() else {
+            return;
+        };
+        if runtime.generation != FORK_GENERATION.load(Ordering::Relaxed) {
+            // The parent's: its threads are not ours to stop.
+            RUNTIME.store(None);
+            EPOCH.fetch_add(1, Ordering::AcqRel);
+            std::mem::forget(runtime);
+            py_log::forget_after_fork();
+            return;
+        }
+        if !join {
+            RUNTIME.store(None);
+            EPOCH.fetch_add(1, Ordering::AcqRel);
+            runtime.checker.stop(false);
+            return;
+        }
+        runtime
     };
-    EPOCH.fetch_add(1, Ordering::AcqRel);
-    if runtime.generation != FORK_GENERATION.load(Ordering::Relaxed) {
-        std::mem::forget(runtime);
-        py_log::forget_after_fork();
-        return;
-    }
-    if join {
-        py.detach(|| {
-            runtime.checker.stop(true);
-            py_log::stop();
-        });
-    } else {
-        runtime.checker.stop(false);
+    py.detach(|| {
+        runtime.checker.stop(true);
+        py_log::stop();
+    });
+    let _start = lock_start(py);
+    if RUNTIME
+        .load()
+        .as_ref()
+        .is_some_and(|current| Arc::ptr_eq(current, &runtime))
+    {
+        RUNTIME.store(None);
+        EPOCH.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 extern "C" fn after_fork_in_child() {
     FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
     EPOCH.fetch_add(1, Ordering::AcqRel);
+    // Whoever held it in the parent does not exist here.
+    STARTING.store(false, Ordering::Release);
 }
 
 /// Registers the fork handler once per process.
@@ -454,57 +525,4 @@ pub fn install_fork_handler() {
             libc::pthread_atfork(None, None, Some(after_fork_in_child));
         }
     });
-}
-
-/// One status row: alias, group, state, role, latency (s), replication lag
-/// (s), last error, checked at (epoch s), consecutive successes and
-/// failures, is writer, split brain (a primary fenced off from writes).
-pub type StatusRow = (
-    String,
-    String,
-    &'static str,
-    &'static str,
-    Option<f64>,
-    Option<f64>,
-    Option<String>,
-    Option<f64>,
-    u32,
-    u32,
-    bool,
-    bool,
-);
-
-pub fn status_rows(runtime: &Runtime, group: Option<usize>) -> Vec<StatusRow> {
-    let config = runtime.config();
-    let snapshot = runtime.checker.snapshot();
-    config
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, node)| group.is_none_or(|g| g == node.group))
-        .map(|(i, node)| {
-            let health = &snapshot.nodes[i];
-            (
-                node.alias.clone(),
-                config.groups[node.group].name.clone(),
-                health.health.as_str(),
-                match health.role {
-                    Some(Role::Primary) => "primary",
-                    Some(Role::Standby) => "standby",
-                    None => "unknown",
-                },
-                health.latency.map(|l| l.as_secs_f64()),
-                health.lag.map(|l| l.as_secs_f64()),
-                health.last_error.as_ref().map(ToString::to_string),
-                health
-                    .checked_at
-                    .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
-                    .map(|d| d.as_secs_f64()),
-                health.successes,
-                health.failures,
-                snapshot.writers[node.group] == Some(i),
-                snapshot.fenced[i],
-            )
-        })
-        .collect()
 }

@@ -868,7 +868,12 @@ impl Scheduler {
             self.state.readers[g] = readers.mask;
             expire = earliest(expire, readers.expires);
             for i in members {
-                self.state.caught_up[i] = self.write_logs[g].caught_up(&self.state.nodes[i]);
+                // The writer has its own writes (`READS = "any"`).
+                self.state.caught_up[i] = if self.state.writers[g] == Some(i) {
+                    u64::MAX
+                } else {
+                    self.write_logs[g].caught_up(&self.state.nodes[i])
+                };
             }
             if self.state.is_urgent(g) {
                 // Do not wait out a long interval already scheduled.
@@ -967,8 +972,9 @@ impl Scheduler {
                     });
                     if newer {
                         error!(
-                            "group '{name}': {} is primary on timeline {}, but {writer} was \
-                             promoted since (timeline {}): every write {} takes is lost; \
+                            "group '{name}': split brain: {} is primary on timeline {}, but \
+                             {writer} was promoted since (timeline {}): every write {} takes \
+                             is lost; \
                              writes go to {writer}, and {} gets none until it is rewound \
                              and rejoined as a standby",
                             alias(i),
