@@ -1,6 +1,8 @@
 """The Rust extension. Use the public API in `dbha` instead."""
 
-from typing import Any
+from typing import Any, final
+
+from typing_extensions import disjoint_base
 
 __all__ = [
     "ModelDatabaseRouter",
@@ -9,6 +11,7 @@ __all__ = [
     "available_db",
     "check_now",
     "close",
+    "count_atomic",
     "count_writer_pin",
     "read_db",
     "report_failure",
@@ -30,6 +33,8 @@ class ModelDatabaseRouter:
         self, db: str, app_label: str, model_name: str | None = None, **hints: Any
     ) -> bool | None: ...
 
+@final
+@disjoint_base
 class NodeRecord:
     """One alias's health, as `dbha.status()` builds its `NodeStatus` from."""
 
@@ -68,4 +73,5 @@ def report_failure(alias: str) -> None: ...
 def close() -> None: ...
 def reset() -> None: ...
 def count_writer_pin(entered: bool) -> None: ...
+def count_atomic(alias: str, entered: bool) -> None: ...
 def validate_settings(databases: Any, dbha: Any) -> None: ...

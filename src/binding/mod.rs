@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 
 use record::NodeRecord;
-use runtime::{wait_detached, with_runtime};
+use runtime::{wait_detached, with_runtime, with_started_runtime};
 
 /// The alias to write to in `group` (default: the first group).
 ///
@@ -22,8 +22,8 @@ use runtime::{wait_detached, with_runtime};
 #[pyfunction]
 #[pyo3(signature = (group=None))]
 fn available_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
-    with_runtime(py, |runtime| {
-        runtime.writer(py, runtime.group_index(group)?)
+    with_runtime(py, |runtime, thread| {
+        runtime.writer(py, thread, runtime.group_index(group)?)
     })
 }
 
@@ -32,8 +32,8 @@ fn available_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
 #[pyfunction]
 #[pyo3(signature = (group=None))]
 fn read_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
-    with_runtime(py, |runtime| {
-        runtime.reader(py, runtime.group_index(group)?)
+    with_runtime(py, |runtime, thread| {
+        runtime.reader(py, thread, runtime.group_index(group)?)
     })
 }
 
@@ -41,7 +41,7 @@ fn read_db(py: Python<'_>, group: Option<&str>) -> PyResult<Py<PyString>> {
 #[pyfunction]
 #[pyo3(signature = (group=None))]
 fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<NodeRecord>> {
-    with_runtime(py, |runtime| {
+    with_runtime(py, |runtime, _| {
         let group = group
             .map(|name| runtime.group_index(Some(name)))
             .transpose()?;
@@ -53,7 +53,7 @@ fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<NodeRecord>> {
 #[pyfunction]
 #[pyo3(signature = (group=None))]
 fn check_now(py: Python<'_>, group: Option<&str>) -> PyResult<bool> {
-    with_runtime(py, |runtime| {
+    with_runtime(py, |runtime, _| {
         let group = group
             .map(|name| runtime.group_index(Some(name)))
             .transpose()?;
@@ -69,7 +69,7 @@ fn check_now(py: Python<'_>, group: Option<&str>) -> PyResult<bool> {
 /// Reports that the application saw `alias` fail: re-probes its group now.
 #[pyfunction]
 fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
-    with_runtime(py, |runtime| {
+    with_runtime(py, |runtime, _| {
         let node = runtime.node_index(alias).ok_or_else(|| {
             let known: Vec<_> = runtime
                 .config()
@@ -92,6 +92,18 @@ fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
 #[pyfunction]
 fn close(py: Python<'_>) {
     runtime::reset(py, true);
+}
+
+/// Counts `transaction.atomic()` blocks on `alias` entered (`True`) and
+/// left in this thread (`dbha.transactions`).
+#[pyfunction]
+fn count_atomic(py: Python<'_>, alias: &str, entered: bool) -> PyResult<()> {
+    // Bookkeeping only: a transaction must not start the checker.
+    with_started_runtime(py, |runtime, thread| {
+        runtime.count_atomic(thread, alias, entered);
+        Ok(())
+    })
+    .map(drop)
 }
 
 /// Counts `dbha.use_writer()` blocks entered (`True`) and left.
@@ -126,6 +138,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(close, m)?)?;
     m.add_function(wrap_pyfunction!(reset, m)?)?;
     m.add_function(wrap_pyfunction!(count_writer_pin, m)?)?;
+    m.add_function(wrap_pyfunction!(count_atomic, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
     Ok(())
 }

@@ -29,8 +29,8 @@ impl ModelDatabaseRouter {
         hints: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyString>> {
         let _ = hints;
-        with_runtime(py, |runtime| {
-            runtime.writer(py, runtime.model_route(py, model)?.group)
+        with_runtime(py, |runtime, thread| {
+            runtime.writer(py, thread, runtime.model_route(py, model)?.group)
         })
     }
 
@@ -45,12 +45,12 @@ impl ModelDatabaseRouter {
         hints: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Py<PyString>> {
         let _ = hints;
-        with_runtime(py, |runtime| {
+        with_runtime(py, |runtime, thread| {
             let route = runtime.model_route(py, model)?;
             if route.writer_reads {
                 runtime.route_writer(py, route.group)
             } else {
-                runtime.reader(py, route.group)
+                runtime.reader(py, thread, route.group)
             }
         })
     }
@@ -72,7 +72,7 @@ impl ModelDatabaseRouter {
                 .extract()
         };
         let (db1, db2) = (db_of(obj1)?, db_of(obj2)?);
-        with_runtime(py, |runtime| {
+        with_runtime(py, |runtime, _| {
             let group_of = |db: Option<String>| {
                 let node = runtime.node_index(db.as_deref()?)?;
                 Some(runtime.config().nodes[node].group)

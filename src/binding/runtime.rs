@@ -2,7 +2,7 @@
 //! settings on first use, restarted in the child after a fork, and read
 //! lock-free on the hot path.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -14,13 +14,12 @@ use pyo3::types::{PyDict, PyString};
 
 use super::log as py_log;
 use super::value::to_value;
-use crate::checker::config::{Config, ConfigError, OnAllDown, ReadMode};
+use crate::checker::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
 use crate::checker::reads::{caught_up_mask, model_route, pick_reader, ModelRoute};
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
 
 pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
 pyo3::import_exception!(dbha.exceptions, NoHealthyDatabase);
-pyo3::import_exception!(django.utils.connection, ConnectionDoesNotExist);
 
 /// Longest slice of a blocking wait before checking for Ctrl-C.
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -34,10 +33,17 @@ static RUNTIME: ArcSwapOption<Runtime> = ArcSwapOption::const_empty();
 static EPOCH: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// This thread's copy of the current runtime and the epoch it was read
-    /// at. It keeps the hot path to one atomic load: loading `RUNTIME`
-    /// itself costs as much again as a Python function call.
-    static CURRENT: RefCell<(u64, Option<Arc<Runtime>>)> = const { RefCell::new((0, None)) };
+    /// This thread's copy of the current runtime, the epoch it was read at,
+    /// and its per-thread routing state. One thread-local for all of it
+    /// keeps the hot path to one lookup and one atomic load: loading
+    /// `RUNTIME` itself costs as much again as a Python function call.
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+struct Current {
+    epoch: u64,
+    runtime: Arc<Runtime>,
+    reads: ThreadReads,
 }
 
 /// Serialises starting and dropping a runtime. A flag rather than a mutex:
@@ -70,7 +76,6 @@ fn lock_start(py: Python<'_>) -> StartGuard {
 
 pub struct Runtime {
     generation: u64,
-    id: u64,
     pub checker: Checker,
     /// Per node, the alias as an interned Python string: the hot path
     /// returns a new reference, never a new string.
@@ -79,66 +84,48 @@ pub struct Runtime {
     model_routes: Option<Py<PyDict>>,
     /// What pins reads to the writer, when reads may go elsewhere.
     pins: Option<ReadPins>,
-    /// Reads may go to standbys and must then see this context's writes.
+    /// Reads may go to standbys and must then see this thread's writes.
     tracks_writes: bool,
     /// Set once the first probe round is in (or its wait timed out).
     informed: AtomicBool,
 }
 
-/// What keeps reads on the writer: `dbha.use_writer()` (a `ContextVar`)
-/// and an open `transaction.atomic()` on the writer's connection.
+/// What keeps reads on the writer besides an open `transaction.atomic()`
+/// block: `dbha.use_writer()`, a `ContextVar`.
 struct ReadPins {
     use_writer: Py<PyAny>,
-    connections: Py<PyAny>,
 }
 
 /// Open `use_writer()` blocks in the whole process: while there are none,
 /// the router need not look up the `ContextVar`.
 static OPEN_WRITER_PINS: AtomicUsize = AtomicUsize::new(0);
 
-/// Numbers runtimes, so that per-thread state can tell them apart.
-static RUNTIME_IDS: AtomicU64 = AtomicU64::new(0);
-
 /// A write in this context that no read has followed yet (see `reader`).
 const WRITE_PENDING: u64 = u64::MAX;
 
-/// What the hot path keeps per thread, for the runtime with id `runtime`.
-struct ThreadReads {
-    runtime: u64,
+/// What the hot path keeps per thread for one runtime. Cells: it is used
+/// under a shared borrow, as the router may be re-entered.
+pub struct ThreadReads {
     /// Round-robin position; per thread, so readers share no counter.
-    turn: u32,
+    turn: Cell<u32>,
     /// Per group: 0 (no write), `WRITE_PENDING`, or the writer probe number
     /// a standby must have caught up with to serve this thread's reads.
-    writes: Vec<u64>,
-    /// Django's connection objects (`connections[alias]`) by node. Django
-    /// keeps one per thread and alias for good, and looking it up costs a
-    /// microsecond.
-    connections: Vec<Option<Py<PyAny>>>,
+    writes: Box<[Cell<u64>]>,
+    /// Per node: `transaction.atomic()` blocks open on it in this thread
+    /// (`dbha.transactions`).
+    atomic: Box<[Cell<u32>]>,
 }
 
 impl ThreadReads {
-    /// This thread's state for `runtime`, reset when the runtime changed.
-    fn of(&mut self, runtime: &Runtime) -> &mut Self {
-        if self.runtime != runtime.id {
-            self.runtime = runtime.id;
-            self.writes.clear();
-            self.writes.resize(runtime.config().groups.len(), 0);
-            self.connections.clear();
-            self.connections.resize_with(runtime.aliases.len(), || None);
+    fn new(runtime: &Runtime) -> Self {
+        Self {
+            turn: Cell::new(0),
+            writes: (0..runtime.config().groups.len())
+                .map(|_| Cell::new(0))
+                .collect(),
+            atomic: (0..runtime.aliases.len()).map(|_| Cell::new(0)).collect(),
         }
-        self
     }
-}
-
-thread_local! {
-    static THREAD: RefCell<ThreadReads> = const {
-        RefCell::new(ThreadReads {
-            runtime: u64::MAX,
-            turn: 0,
-            writes: Vec::new(),
-            connections: Vec::new(),
-        })
-    };
 }
 
 /// `use_writer()` entered (`true`) or left.
@@ -208,9 +195,14 @@ impl Runtime {
     /// The alias to write to in `group`; notes the write for this thread's
     /// reads that follow (read-your-writes).
     #[inline]
-    pub fn writer(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
+    pub fn writer(
+        &self,
+        py: Python<'_>,
+        thread: &ThreadReads,
+        group: usize,
+    ) -> PyResult<Py<PyString>> {
         if self.tracks_writes {
-            THREAD.with_borrow_mut(|thread| thread.of(self).writes[group] = WRITE_PENDING);
+            thread.writes[group].set(WRITE_PENDING);
         }
         self.route_writer(py, group)
     }
@@ -231,46 +223,51 @@ impl Runtime {
     /// The alias to read from in `group`: a standby whose lag bound holds
     /// (`READS`, `LOAD_BALANCE`) and that has this thread's writes, or the
     /// writer when none qualifies or reads are pinned to it.
-    pub fn reader(&self, py: Python<'_>, group: usize) -> PyResult<Py<PyString>> {
-        let readers = self.checker.readers(group);
-        if readers == 0 || self.reads_pinned(py, group)? {
+    pub fn reader(
+        &self,
+        py: Python<'_>,
+        thread: &ThreadReads,
+        group: usize,
+    ) -> PyResult<Py<PyString>> {
+        let mut mask = self.checker.readers(group);
+        if mask == 0 || self.reads_pinned(py, thread, group)? {
             return self.route_writer(py, group);
         }
         let first = self.config().groups[group].members.start;
-        let picked = THREAD.with_borrow_mut(|thread| {
-            let thread = thread.of(self);
-            let mut mask = readers;
-            let mut needed = thread.writes[group];
-            if needed == WRITE_PENDING {
-                // The write has committed by now: a writer probe sent from
-                // now on finds it.
-                needed = self.checker.writer_probes(group) + 1;
-                thread.writes[group] = needed;
-            }
-            if needed > self.checker.least_caught_up(group) {
-                mask = caught_up_mask(mask, needed, |bit| {
-                    self.checker.caught_up(first + bit as usize)
-                });
-            }
-            if mask == 0 {
-                return None;
-            }
-            let fastest = self
-                .checker
-                .fastest_reader(group)
-                .and_then(|node| u32::try_from(node - first).ok());
-            let balance = self.config().reads.balance;
-            let bit = pick_reader(mask, balance, thread.turn, fastrand::u32(..), fastest);
-            thread.turn = thread.turn.wrapping_add(1);
-            Some(first + bit as usize)
-        });
-        match picked {
-            Some(node) => Ok(self.aliases[node].clone_ref(py)),
-            None => self.route_writer(py, group),
+        let mut needed = thread.writes[group].get();
+        if needed == WRITE_PENDING {
+            // The write has committed by now: a writer probe sent from now
+            // on finds it.
+            needed = self.checker.writer_probes(group) + 1;
+            thread.writes[group].set(needed);
         }
+        if needed > self.checker.least_caught_up(group) {
+            mask = caught_up_mask(mask, needed, |bit| {
+                self.checker.caught_up(first + bit as usize)
+            });
+            if mask == 0 {
+                return self.route_writer(py, group);
+            }
+        }
+        let turn = thread.turn.get();
+        thread.turn.set(turn.wrapping_add(1));
+        let bit = match self.config().reads.balance {
+            Balance::RoundRobin => pick_reader(mask, Balance::RoundRobin, turn, 0, None),
+            Balance::Random => pick_reader(mask, Balance::Random, 0, fastrand::u32(..), None),
+            Balance::Latency => {
+                let fastest = self
+                    .checker
+                    .fastest_reader(group)
+                    .and_then(|node| u32::try_from(node - first).ok());
+                pick_reader(mask, Balance::Latency, 0, 0, fastest)
+            }
+        };
+        Ok(self.aliases[first + bit as usize].clone_ref(py))
     }
 
-    fn reads_pinned(&self, py: Python<'_>, group: usize) -> PyResult<bool> {
+    /// Reads go to the writer inside `use_writer()` and while this thread has
+    /// a `transaction.atomic()` block open on the writer.
+    fn reads_pinned(&self, py: Python<'_>, thread: &ThreadReads, group: usize) -> PyResult<bool> {
         let Some(pins) = &self.pins else {
             return Ok(false);
         };
@@ -283,44 +280,21 @@ impl Runtime {
             return Ok(true);
         }
         let writer = self.checker.route(group).node();
-        let Some(connection) = self.django_connection(py, pins, writer)? else {
-            return Ok(false);
-        };
-        connection
-            .bind(py)
-            .getattr(pyo3::intern!(py, "in_atomic_block"))?
-            .is_truthy()
+        Ok(thread.atomic[writer].get() > 0)
     }
 
-    /// This thread's `connections[alias]` for `node`; `None` if Django has
-    /// no such connection (then no transaction can be open on it).
-    fn django_connection(
-        &self,
-        py: Python<'_>,
-        pins: &ReadPins,
-        node: usize,
-    ) -> PyResult<Option<Py<PyAny>>> {
-        let cached = THREAD.with_borrow_mut(|thread| {
-            thread.of(self).connections[node]
-                .as_ref()
-                .map(|c| c.clone_ref(py))
-        });
-        if cached.is_some() {
-            return Ok(cached);
+    /// A `transaction.atomic()` block on `alias` opened (`entered`) or
+    /// closed in this thread.
+    pub fn count_atomic(&self, thread: &ThreadReads, alias: &str, entered: bool) {
+        if let Some(node) = self.node_index(alias) {
+            let depth = &thread.atomic[node];
+            depth.set(if entered {
+                depth.get().saturating_add(1)
+            } else {
+                // A block opened before this runtime started is not counted.
+                depth.get().saturating_sub(1)
+            });
         }
-        let connection = match pins
-            .connections
-            .bind(py)
-            .get_item(self.aliases[node].bind(py))
-        {
-            Ok(connection) => connection.unbind(),
-            Err(e) if e.is_instance_of::<ConnectionDoesNotExist>(py) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        THREAD.with_borrow_mut(|thread| {
-            thread.of(self).connections[node] = Some(connection.clone_ref(py));
-        });
-        Ok(Some(connection))
     }
 
     #[cold]
@@ -334,23 +308,73 @@ impl Runtime {
     }
 }
 
-/// Runs `f` with the current runtime, starting it (and awaiting its first
-/// round) if needed. The fast path is a thread-local read and one atomic load.
+/// Runs `f` with the current runtime and this thread's state for it,
+/// starting the runtime (and awaiting its first round) if needed. The fast
+/// path is a thread-local read and one atomic load.
 #[inline]
-pub fn with_runtime<R>(py: Python<'_>, f: impl FnOnce(&Runtime) -> PyResult<R>) -> PyResult<R> {
+pub fn with_runtime<R>(
+    py: Python<'_>,
+    f: impl FnOnce(&Runtime, &ThreadReads) -> PyResult<R>,
+) -> PyResult<R> {
+    // Never `None` when starting is allowed; an error rather than a panic.
+    with_current(py, true, f)?
+        .ok_or_else(|| PyOSError::new_err("dbha: the health checker did not start"))
+}
+
+/// Like [`with_runtime`], but `None` instead of starting a runtime: for
+/// bookkeeping that must not start the checker.
+pub fn with_started_runtime<R>(
+    py: Python<'_>,
+    f: impl FnOnce(&Runtime, &ThreadReads) -> PyResult<R>,
+) -> PyResult<Option<R>> {
+    with_current(py, false, f)
+}
+
+#[inline]
+fn with_current<R>(
+    py: Python<'_>,
+    start_if_needed: bool,
+    f: impl FnOnce(&Runtime, &ThreadReads) -> PyResult<R>,
+) -> PyResult<Option<R>> {
     let epoch = EPOCH.load(Ordering::Acquire);
     CURRENT.with(|current| {
         // A shared borrow: `f` may run Python code that calls back in here.
         if let Ok(cached) = current.try_borrow() {
-            if let (true, Some(runtime)) = (cached.0 == epoch, &cached.1) {
-                return f(runtime);
+            if let Some(cached) = cached.as_ref().filter(|c| c.epoch == epoch) {
+                return f(&cached.runtime, &cached.reads).map(Some);
             }
         }
-        let runtime = start(py)?;
+        let runtime = if start_if_needed {
+            start(py)?
+        } else {
+            match RUNTIME.load_full() {
+                Some(runtime) if runtime.generation == FORK_GENERATION.load(Ordering::Relaxed) => {
+                    runtime
+                }
+                _ => return Ok(None),
+            }
+        };
+        // Read after the start, which may have bumped it.
+        let epoch = EPOCH.load(Ordering::Acquire);
         if let Ok(mut cached) = current.try_borrow_mut() {
-            *cached = (epoch, Some(Arc::clone(&runtime)));
+            match cached.as_mut() {
+                // The same runtime: keep this thread's state (its writes).
+                Some(cached) if Arc::ptr_eq(&cached.runtime, &runtime) => cached.epoch = epoch,
+                _ => {
+                    *cached = Some(Current {
+                        epoch,
+                        reads: ThreadReads::new(&runtime),
+                        runtime: Arc::clone(&runtime),
+                    });
+                }
+            }
         }
-        f(&runtime)
+        if let Ok(cached) = current.try_borrow() {
+            if let Some(cached) = cached.as_ref() {
+                return f(&cached.runtime, &cached.reads).map(Some);
+            }
+        }
+        f(&runtime, &ThreadReads::new(&runtime)).map(Some)
     })
 }
 
@@ -402,9 +426,10 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         || (replica_reads && !config.reads.writer_only.is_empty()))
     .then(|| PyDict::new(py).unbind());
     let pins = if replica_reads {
+        py.import("dbha.transactions")?
+            .call_method0("track_atomic_blocks")?;
         Some(ReadPins {
             use_writer: py.import("dbha.routing")?.getattr("USE_WRITER")?.unbind(),
-            connections: py.import("django.db")?.getattr("connections")?.unbind(),
         })
     } else {
         None
@@ -418,7 +443,6 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
     })?;
     Ok(Runtime {
         generation,
-        id: RUNTIME_IDS.fetch_add(1, Ordering::Relaxed),
         checker,
         aliases,
         model_routes,
