@@ -2,8 +2,6 @@
 
 from typing import Any, final
 
-from typing_extensions import disjoint_base
-
 __all__ = [
     "ModelDatabaseRouter",
     "NodeRecord",
@@ -34,7 +32,6 @@ class ModelDatabaseRouter:
     ) -> bool | None: ...
 
 @final
-@disjoint_base
 class NodeRecord:
     """One alias's health, as `dbha.status()` builds its `NodeStatus` from."""
 
