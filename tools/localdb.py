@@ -351,8 +351,16 @@ class _Server:
             raise LocalDbError(f"{self.name} is not running")
         self._signal_group(signal.SIGSTOP)
 
+    def pause_listener(self) -> None:
+        """SIGSTOP the server's main process only (PostgreSQL's postmaster):
+        sessions that exist still answer, new connections hang in the
+        backlog."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise LocalDbError(f"{self.name} is not running")
+        os.kill(self._proc.pid, signal.SIGSTOP)
+
     def resume(self) -> None:
-        """SIGCONT the whole process group."""
+        """SIGCONT the whole process group (after `pause` or `pause_listener`)."""
         self._signal_group(signal.SIGCONT)
 
 
