@@ -166,3 +166,32 @@ def test_replicated_writes_land_on_the_primary_only(
         assert on_second == [f"{i}\t{alias}" for i, alias in acked.items()]
         on_first = primary.query("SELECT id FROM app.t ORDER BY id").split()
         assert on_first == [str(i) for i, alias in acked.items() if alias == "first"]
+
+
+def test_a_replica_promoted_while_the_primary_runs_takes_the_writes(
+    replicated_pair: tuple[MariaDbServer, MariaDbServer],
+) -> None:
+    """MariaDB's rule for the newest promotion: a writable server that last
+    applied the other's transactions as a replica (its `gtid_slave_pos`) was
+    promoted after it. So writes move to it at once, though the old primary
+    still runs, answers and takes writes; the old one is fenced."""
+    primary, replica = replicated_pair
+    primary.query("CREATE DATABASE app")
+    primary.query("CREATE TABLE app.t (id INT PRIMARY KEY)")
+    for i in range(5):
+        primary.query(f"INSERT INTO app.t VALUES ({i})")
+    wait_for(lambda: replica.query("SELECT count(*) FROM app.t") == "5", what="replication")
+    with override_settings(DATABASES=pair_settings(primary, replica), DBHA=TEST_DBHA):
+        assert dbha.available_db() == "first"
+        assert dbha.status()[0].timeline == 0, "it never was a replica"
+        # Promoted without demoting the primary: both writable.
+        replica.query("STOP SLAVE")
+        replica.query("SET GLOBAL read_only = 0")
+        wait_for(lambda: dbha.available_db() == "second", what="writes on the promoted replica")
+        first, second = dbha.status()
+        assert first.role == second.role == "primary"
+        assert first.split_brain and not second.split_brain
+        assert (second.timeline or 0) > (first.timeline or 0)
+        for _ in range(3):
+            dbha.check_now()
+            assert dbha.available_db() == "second"
