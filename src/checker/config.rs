@@ -1070,6 +1070,31 @@ mod tests {
     }
 
     #[test]
+    fn failover_timing_and_read_your_writes() {
+        let defaults = config(&Value::None).unwrap();
+        assert_eq!(defaults.timing.fast_interval, Duration::from_millis(100));
+        assert_eq!(
+            defaults.timing.listener_check_interval,
+            Some(Duration::from_secs(10))
+        );
+        assert!(defaults.reads.read_your_writes);
+        let c = config(&map(&[
+            ("FAST_INTERVAL", Value::Float(0.05)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(0)),
+            ("READ_YOUR_WRITES", Value::Bool(false)),
+        ]))
+        .unwrap();
+        assert_eq!(c.timing.fast_interval, Duration::from_millis(50));
+        assert_eq!(c.timing.listener_check_interval, None, "0 turns it off");
+        assert!(!c.reads.read_your_writes);
+        let c = config(&map(&[("LISTENER_CHECK_INTERVAL", Value::Int(30))])).unwrap();
+        assert_eq!(
+            c.timing.listener_check_interval,
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
     fn timing_and_choices() {
         let c = config(&map(&[
             ("CHECK_INTERVAL", Value::Float(0.5)),
@@ -1207,7 +1232,44 @@ mod tests {
             ),
             (Value::List(vec![]), "DBHA", "[]"),
         ];
-        for (dbha, key, value) in cases {
+        let more = [
+            (
+                map(&[("CHECK_INTERVAL", Value::Float(1e-9))]),
+                "DBHA[\"CHECK_INTERVAL\"]",
+                "1e-09",
+            ),
+            (
+                map(&[("CONNECT_TIMEOUT", Value::Float(0.001))]),
+                "DBHA[\"CONNECT_TIMEOUT\"]",
+                "0.001",
+            ),
+            (
+                map(&[("FAST_INTERVAL", Value::Int(0))]),
+                "DBHA[\"FAST_INTERVAL\"]",
+                "0",
+            ),
+            (
+                map(&[("LISTENER_CHECK_INTERVAL", Value::Float(0.5))]),
+                "DBHA[\"LISTENER_CHECK_INTERVAL\"]",
+                "0.5",
+            ),
+            (
+                map(&[("LISTENER_CHECK_INTERVAL", Value::Int(-1))]),
+                "DBHA[\"LISTENER_CHECK_INTERVAL\"]",
+                "-1",
+            ),
+            (
+                map(&[("READ_YOUR_WRITES", Value::str("yes"))]),
+                "DBHA[\"READ_YOUR_WRITES\"]",
+                "'yes'",
+            ),
+            (
+                map(&[("MAX_REPLICA_LAG", Value::Float(0.01))]),
+                "DBHA[\"MAX_REPLICA_LAG\"]",
+                "0.01",
+            ),
+        ];
+        for (dbha, key, value) in cases.into_iter().chain(more) {
             let e = config(&dbha).unwrap_err();
             assert_eq!(
                 (e.key.as_str(), e.value.as_str()),

@@ -47,7 +47,7 @@ impl fmt::Display for Value {
             Self::Bool(true) => f.write_str("True"),
             Self::Bool(false) => f.write_str("False"),
             Self::Int(i) => write!(f, "{i}"),
-            Self::Float(x) => write!(f, "{x:?}"),
+            Self::Float(x) => f.write_str(&python_float(*x)),
             Self::Str(s) => write_quoted(f, s),
             Self::List(items) => {
                 f.write_str("[")?;
@@ -73,6 +73,27 @@ impl fmt::Display for Value {
             Self::Other(repr) => f.write_str(repr),
         }
     }
+}
+
+/// A float as Python's `repr()` writes it: Rust's shortest round-trip
+/// digits with the same switch to exponents, but `1e-09` and `1e+16`
+/// rather than `1e-9` and `1e16`.
+fn python_float(x: f64) -> String {
+    if x.is_nan() {
+        return "nan".to_owned();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.to_owned();
+    }
+    let digits = format!("{x:?}");
+    let Some((mantissa, exponent)) = digits.split_once('e') else {
+        return digits;
+    };
+    let (sign, magnitude) = match exponent.strip_prefix('-') {
+        Some(magnitude) => ('-', magnitude),
+        None => ('+', exponent),
+    };
+    format!("{mantissa}e{sign}{magnitude:0>2}")
 }
 
 fn write_quoted(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
@@ -107,6 +128,25 @@ mod tests {
             value.to_string(),
             r"{'A': ['x\'y', 3], 'B': 1.0, 'C': True, 'D': None}"
         );
+    }
+
+    #[test]
+    fn floats_as_python_writes_them() {
+        for (x, repr) in [
+            (1.0, "1.0"),
+            (0.5, "0.5"),
+            (1e-9, "1e-09"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.234_567_890_123_456_8e17, "1.2345678901234568e+17"),
+            (-2.5e-300, "-2.5e-300"),
+            (f64::INFINITY, "inf"),
+            (f64::NAN, "nan"),
+        ] {
+            assert_eq!(Value::Float(x).to_string(), repr);
+        }
     }
 
     #[test]
