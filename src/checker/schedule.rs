@@ -519,6 +519,8 @@ struct ProbeThread {
 
 struct InFlight {
     sent: Instant,
+    /// It also checked that the node takes new sessions.
+    checks_sessions: bool,
     /// Its number among the probes of the group's writer, if it was sent to
     /// the writer (read-your-writes).
     writer_probe: Option<u64>,
@@ -551,6 +553,10 @@ struct Scheduler {
     next_round: Vec<Instant>,
     /// Per group: when its writer must next show it takes new sessions.
     next_session_check: Vec<Option<Instant>>,
+    /// Per node: its last new-session check failed, so every probe checks
+    /// again until one passes (recovery is seen, and FALL counted, while it
+    /// is no longer the writer too).
+    sessions_suspect: Vec<bool>,
     /// Per group: a writer was chosen at least once (so "no writer" at the
     /// start is reported too).
     decided: Vec<bool>,
@@ -581,6 +587,7 @@ impl Scheduler {
                 config.timing.listener_check_interval.map(|i| now + i);
                 groups
             ],
+            sessions_suspect: vec![false; config.nodes.len()],
             decided: vec![false; groups],
             write_logs: vec![WriteLog::default(); groups],
             readers_expire: None,
@@ -722,19 +729,16 @@ impl Scheduler {
         self.settle();
     }
 
-    /// Whether this probe of `node` must also open a fresh connection: it is
-    /// its group's writer and `LISTENER_CHECK_INTERVAL` has passed, or its
-    /// last such check failed (so that recovery is seen, and FALL counted).
+    /// Whether this probe of `node` must also open a fresh connection: its
+    /// last such check failed, or it is its group's writer and
+    /// `LISTENER_CHECK_INTERVAL` has passed.
     fn session_check_due(&mut self, node: usize, now: Instant) -> bool {
+        if self.sessions_suspect[node] {
+            return true;
+        }
         let group = self.shared.config.nodes[node].group;
         if self.state.writers[group] != Some(node) {
             return false;
-        }
-        if matches!(
-            self.state.nodes[node].last_error,
-            Some(Failure::NoNewSessions(_))
-        ) {
-            return true;
         }
         let Some(due) = self.next_session_check[group] else {
             return false;
@@ -771,6 +775,9 @@ impl Scheduler {
             if let Some(in_flight) = in_flight {
                 // The lag was measured no earlier than the request was sent.
                 started = in_flight.sent;
+                if in_flight.checks_sessions {
+                    self.sessions_suspect[node] = matches!(result, Err(Failure::NoNewSessions(_)));
+                }
                 let group = self.shared.config.nodes[node].group;
                 if let (Some(number), Ok(observation)) = (in_flight.writer_probe, &result) {
                     if self.state.writers[group] == Some(node) {
@@ -1077,6 +1084,7 @@ impl Scheduler {
         if let Some(thread) = &mut self.probe_threads[node] {
             thread.in_flight = Some(InFlight {
                 sent: Instant::now(),
+                checks_sessions: check_new_sessions,
                 writer_probe,
             });
             thread.ringer.ring();
@@ -1332,10 +1340,13 @@ mod tests {
         route
     }
 
-    /// Runs a fresh round and returns the route after it.
+    /// Runs fresh rounds and returns the route after them. Two: the first
+    /// may take the answer of a probe sent before the script changed.
     fn settle(checker: &Checker) -> Route {
-        let ticket = checker.request_round(None);
-        assert!(checker.wait_for_round(ticket, Duration::from_secs(5)));
+        for _ in 0..2 {
+            let ticket = checker.request_round(None);
+            assert!(checker.wait_for_round(ticket, Duration::from_secs(5)));
+        }
         writer(checker)
     }
 
@@ -1752,6 +1763,15 @@ mod tests {
             "{reason}"
         );
         assert_eq!(writer(&checker), Route::AllDown(0));
+        // No flapping back while new sessions still fail: every probe checks.
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(writer(&checker), Route::AllDown(0));
+        script.set("a", Answer::Primary);
+        let started = Instant::now();
+        while writer(&checker) != Route::Healthy(0) {
+            assert!(started.elapsed() < Duration::from_secs(2), "never back");
+            thread::sleep(Duration::from_millis(5));
+        }
         checker.stop(true);
     }
 
