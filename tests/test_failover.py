@@ -225,6 +225,9 @@ def test_a_thread_reads_its_own_writes(cluster: Cluster, read_your_writes: bool)
                 time.sleep(0.02)
         finally:
             cluster.servers["failover1"].query("select pg_wal_replay_resume()")
+            # The cluster serves the next tests: leave no rows behind.
+            cluster.servers["default"].query("delete from testapp_item where name like 'ryw-%'")
+            cluster.pg.wait_replayed()
         if read_your_writes:
             assert missing == 0
             # Once probes show a standby has the writes, reads go there again.
@@ -270,7 +273,7 @@ def test_a_child_forked_while_another_thread_closes_dbha_gets_answers(cluster: C
     thread = threading.Thread(target=churn)
     thread.start()
     try:
-        for _ in range(15):
+        for _ in range(30):
             pid = os.fork()
             if pid == 0:
                 signal.alarm(10)  # a hung child dies rather than hangs the test

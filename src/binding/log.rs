@@ -17,8 +17,8 @@ const QUEUE: usize = 1024;
 
 type Message = (Level, String);
 
+/// Where records go: the forwarding thread of the current runtime.
 static SENDER: ArcSwapOption<SyncSender<Message>> = ArcSwapOption::const_empty();
-static THREAD: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
 
 struct Bridge;
 
@@ -36,8 +36,18 @@ impl Log for Bridge {
     fn flush(&self) {}
 }
 
-/// Starts the forwarding thread (again, after a fork or `close()`).
-pub fn start() {
+/// One runtime's forwarding thread. Owned by the runtime, not a global: a
+/// forked child forgets the parent's runtime whole, so no lock of it, held
+/// by a thread the child does not have, is ever waited on there.
+pub struct LogThread {
+    /// Identifies its sender in `SENDER`.
+    sender: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Starts a forwarding thread and sends records to it from now on (a
+/// previous one ends once it has delivered what it had).
+pub fn start() -> Option<LogThread> {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         if log::set_logger(&Bridge).is_ok() {
@@ -45,34 +55,46 @@ pub fn start() {
         }
     });
     let (sender, receiver) = mpsc::sync_channel(QUEUE);
-    match thread::Builder::new()
+    // Without the thread, records are dropped; health checking goes on.
+    let thread = thread::Builder::new()
         .name("dbha-log".into())
         .spawn(move || forward(&receiver))
-    {
-        Ok(thread) => {
-            SENDER.store(Some(Arc::new(sender)));
-            *THREAD.lock() = Some(thread);
+        .ok()?;
+    let sender = Arc::new(sender);
+    let id = Arc::as_ptr(&sender) as usize;
+    SENDER.store(Some(sender));
+    Some(LogThread {
+        sender: id,
+        thread: Mutex::new(Some(thread)),
+    })
+}
+
+impl LogThread {
+    /// Stops sending records here and waits until what is queued is
+    /// delivered. Call detached from the interpreter: the thread needs it.
+    pub fn stop(&self) {
+        let current = SENDER.load_full();
+        if current
+            .as_ref()
+            .is_some_and(|sender| Arc::as_ptr(sender) as usize == self.sender)
+        {
+            // Still ours (a newer runtime's goes on): the channel closes,
+            // and the thread ends, once this last handle is dropped.
+            SENDER.compare_and_swap(&current, None);
         }
-        // Without the thread, records are dropped; health checking goes on.
-        Err(_) => SENDER.store(None),
+        drop(current);
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 }
 
-/// Stops the thread after it has delivered what is queued. Call detached
-/// from the interpreter: the thread needs it to finish.
-pub fn stop() {
-    SENDER.store(None);
-    if let Some(thread) = THREAD.lock().take() {
-        let _ = thread.join();
-    }
-}
-
-/// After a fork the thread is gone from the child: forget it, unjoined.
+/// In a forked child: the parent's forwarding thread does not exist here.
+/// Its sender is forgotten, not dropped: dropping it could wait on a lock
+/// that thread held at the fork.
 pub fn forget_after_fork() {
-    if let Some(mut thread) = THREAD.try_lock() {
-        std::mem::forget(thread.take());
-    }
-    SENDER.store(None);
+    std::mem::forget(SENDER.swap(None));
 }
 
 fn forward(receiver: &Receiver<Message>) {
@@ -98,8 +120,4 @@ fn forward(receiver: &Receiver<Message>) {
             }
         });
     }
-}
-
-pub fn running() -> bool {
-    SENDER.load().is_some()
 }

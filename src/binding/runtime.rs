@@ -86,6 +86,8 @@ pub struct Runtime {
     pins: Option<ReadPins>,
     /// Reads may go to standbys and must then see this thread's writes.
     tracks_writes: bool,
+    /// Hands its log records to Python.
+    log: Option<py_log::LogThread>,
     /// Set once the first probe round is in (or its wait timed out).
     informed: AtomicBool,
 }
@@ -434,10 +436,8 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
     } else {
         None
     };
-    if !py_log::running() {
-        py_log::start();
-    }
     let tracks_writes = replica_reads && config.reads.read_your_writes;
+    let log = py_log::start();
     let checker = Checker::start(config, Arc::new(NetworkProber), seed).map_err(|e| {
         PyOSError::new_err(format!("dbha: cannot start the health checker thread: {e}"))
     })?;
@@ -448,6 +448,7 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         model_routes,
         pins,
         tracks_writes,
+        log,
         informed: AtomicBool::new(seed.is_some()),
     })
 }
@@ -519,7 +520,9 @@ pub fn reset(py: Python<'_>, join: bool) {
     };
     py.detach(|| {
         runtime.checker.stop(true);
-        py_log::stop();
+        if let Some(log) = &runtime.log {
+            log.stop();
+        }
     });
     let _start = lock_start(py);
     if RUNTIME
