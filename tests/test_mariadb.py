@@ -190,7 +190,8 @@ def test_a_replica_promoted_while_the_primary_runs_takes_the_writes(
         wait_for(lambda: dbha.available_db() == "second", what="writes on the promoted replica")
         first, second = dbha.status()
         assert first.role == second.role == "primary"
-        assert first.split_brain and not second.split_brain
+        assert first.split_brain
+        assert not second.split_brain
         assert (second.timeline or 0) > (first.timeline or 0)
         for _ in range(3):
             dbha.check_now()
