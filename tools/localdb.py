@@ -309,9 +309,13 @@ class _Server:
         call setsid(), so its process group alone misses them."""
         # Only while the leader is unreaped: until then its pid (= the group id) cannot be reused.
         if self._proc is not None and self._proc.poll() is None:
+            # Listed before the leader is signalled: a leader that dies (SIGKILL) hands its
+            # children to init at once, and a stopped child left there never exits.
+            children = _descendants(self._proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
-            for pid in _descendants(self._proc.pid):
+            # And after: the leader may have forked meanwhile (a stopped one no longer can).
+            for pid in dict.fromkeys([*children, *_descendants(self._proc.pid)]):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
 
