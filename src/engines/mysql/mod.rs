@@ -123,7 +123,7 @@ mod tests {
     use super::session::ROLE_SQL;
     use super::*;
     use crate::engines::{Login, Role, Secret};
-    use crate::net::Tls;
+    use crate::net::{one_line, Tls};
     use rsa::Oaep;
     use sha1::Sha1;
     use std::io::{Read, Write};
@@ -810,5 +810,256 @@ mod tests {
             let _ = write!(out, "{b:02x}");
             out
         })
+    }
+
+    // --- hostile servers -------------------------------------------------------------------
+
+    /// The default SIGPIPE disposition, as in a host process that does not ignore it (Rust's
+    /// test harness does): a write that raised SIGPIPE would now kill the test process.
+    fn default_sigpipe() {
+        // SAFETY: sets a signal disposition; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+
+    /// Waits (at most 5 s) until the peer's hang-up is visible on `socket`.
+    fn wait_readable(socket: RawFd) {
+        let mut fds = libc::pollfd {
+            fd: socket,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polls one live pollfd.
+        let ready = unsafe { libc::poll(&raw mut fds, 1, 5000) };
+        assert_eq!(ready, 1, "the server's hang-up never arrived");
+    }
+
+    /// A server that logs us in, then runs `then` and hangs up.
+    fn logged_in_then(then: fn(&mut TcpStream)) -> ServerLogin {
+        let login = native_login("");
+        Box::new(move |stream| {
+            assert!(login(stream));
+            then(stream);
+            false
+        })
+    }
+
+    #[test]
+    fn a_server_that_hangs_up_on_our_writes_raises_no_sigpipe() {
+        default_sigpipe();
+        // It greets and hangs up at once: the handshake response, megabytes long for a huge
+        // user name, meets a closed socket (the RST it draws makes the next write EPIPE).
+        let hang_up: ServerLogin = Box::new(|stream| {
+            send(
+                stream,
+                0,
+                &greeting_payload("10.11.6-MariaDB", SERVER_CAPS, NATIVE_PASSWORD),
+            );
+            false
+        });
+        let (port, _) = scripted(hang_up, Box::new(|_| Vec::new()));
+        let user = "u".repeat(8 << 20);
+        let result = connect(&node(tcp(port), &user, Some(PASSWORD)), soon());
+        assert_eq!(result.err(), Some(Failure::Closed));
+
+        // Logged in, then the server hangs up: every later write (the query, again, the
+        // COM_QUIT on drop) goes to a closed socket.
+        let (port, _) = scripted(logged_in_then(|_| {}), Box::new(|_| Vec::new()));
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        wait_readable(session.socket());
+        for _ in 0..3 {
+            assert_eq!(session.observe(soon()), Err(Failure::Closed));
+            thread::sleep(Duration::from_millis(10));
+        }
+        drop(session);
+        // Still alive.
+    }
+
+    /// Logs in, answers queries like `standby_answers`, but answers `endless` with a result
+    /// set whose rows (each `value` in the second column) never end: it writes until the
+    /// client hangs up, and returns how many rows it wrote.
+    fn flooding(endless: &'static str, value: String) -> (u16, thread::JoinHandle<usize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let limit = Some(Duration::from_secs(10));
+            stream.set_read_timeout(limit).unwrap();
+            stream.set_write_timeout(limit).unwrap();
+            assert!(native_login("")(&mut stream));
+            let answer = standby_answers(Vec::new());
+            while let Some((_, command)) = receive(&mut stream) {
+                let sql = String::from_utf8_lossy(&command[1..]).into_owned();
+                if sql != endless {
+                    for (seq, reply) in (1..).zip(answer(&sql)) {
+                        send(&mut stream, seq, &reply);
+                    }
+                    continue;
+                }
+                let mut head = result_set(&["Variable_name", "Value"], &[]);
+                head.pop(); // the EOF that would end the rows
+                let mut seq = 1u8;
+                for packet in &head {
+                    send(&mut stream, seq, packet);
+                    seq = seq.wrapping_add(1);
+                }
+                let mut row = Vec::new();
+                lenenc_str(&mut row, "read_only");
+                row.push(0xfc);
+                row.extend_from_slice(&u16::try_from(value.len()).unwrap().to_le_bytes());
+                row.extend_from_slice(value.as_bytes());
+                let mut framed = row.len().to_le_bytes()[..4].to_vec();
+                for written in 0.. {
+                    framed[3] = seq;
+                    seq = seq.wrapping_add(1);
+                    if stream
+                        .write_all(&framed)
+                        .and_then(|()| stream.write_all(&row))
+                        .is_err()
+                    {
+                        return written;
+                    }
+                }
+            }
+            0
+        });
+        (port, server)
+    }
+
+    #[test]
+    fn endless_result_sets_fail_at_the_row_and_size_caps() {
+        // Either cap ends the read: the failure names both.
+        for (endless, value) in [
+            // Small rows: the row count cap (1024) comes first.
+            (ROLE_SQL, "ON".to_owned()),
+            // Rows of 3 KB: the size cap (1 MB) comes first.
+            (ROLE_SQL, "x".repeat(3000)),
+            // The replica status of a standby.
+            ("SHOW SLAVE STATUS", "7".to_owned()),
+        ] {
+            let (port, server) = flooding(endless, value);
+            let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+            let started = Instant::now();
+            let result = session.observe(started + Duration::from_secs(10));
+            let took = started.elapsed();
+            assert!(
+                matches!(&result, Err(Failure::BadHandshake(m)) if m.starts_with("a result of over")),
+                "{endless}: {result:?}"
+            );
+            assert!(took < Duration::from_secs(2), "{endless}: took {took:?}");
+            drop(session);
+            // The server stops once we hang up.
+            let written = server.join().unwrap();
+            assert!(written > 300, "{endless}: only {written} rows");
+        }
+    }
+
+    /// About 900 KB of server text: many lines, carriage returns, escapes, and a marker far
+    /// past what may be quoted.
+    fn huge_text() -> String {
+        let mut text = String::from("Access denied for user 'probe'\n");
+        while text.len() < 900_000 {
+            text.push_str("\r\n[ERROR] a forged log line\n\t\x1b[0m");
+        }
+        text.push_str("END-OF-TEXT");
+        text
+    }
+
+    /// `failure` reads as one bounded line: no line breaks or control characters, at most
+    /// one quote of server text (`one_line`'s bound) after a short prefix, no password.
+    fn assert_one_bounded_line(failure: &Failure) {
+        let quote = one_line(&"x".repeat(10_000)).chars().count();
+        let text = failure.to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.chars().count() <= quote + 30, "{text:?}");
+        assert!(!text.contains(PASSWORD) && !text.contains("END-OF-TEXT"));
+    }
+
+    #[test]
+    fn huge_multi_line_errors_are_quoted_on_one_bounded_line() {
+        // A login refusal: of the credentials (1045) and of the server (1040).
+        for code in [1045, 1040] {
+            let refusal = error(code, &huge_text());
+            let login: ServerLogin = Box::new(move |stream| {
+                send(
+                    stream,
+                    0,
+                    &greeting_payload("8.0.36", SERVER_CAPS, NATIVE_PASSWORD),
+                );
+                receive(stream).unwrap();
+                send(stream, 2, &refusal);
+                false
+            });
+            let (port, _) = scripted(login, Box::new(|_| Vec::new()));
+            let failure = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon())
+                .err()
+                .unwrap();
+            match code {
+                1045 => assert!(matches!(failure, Failure::Auth(_)), "{failure:?}"),
+                _ => assert!(matches!(failure, Failure::ServerError(_)), "{failure:?}"),
+            }
+            assert_one_bounded_line(&failure);
+        }
+
+        // A query error.
+        let huge = huge_text();
+        let (port, _) = scripted(
+            native_login(""),
+            Box::new(move |_| vec![error(1064, &huge)]),
+        );
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        let failure = session.observe(soon()).err().unwrap();
+        assert!(
+            matches!(&failure, Failure::ServerError(m) if m.starts_with("1064 Access denied")),
+            "{failure:?}"
+        );
+        assert_one_bounded_line(&failure);
+
+        // An error in the greeting's place is refused by its size alone.
+        let greeting = error(1040, &huge_text());
+        let login: ServerLogin = Box::new(move |stream| {
+            let mut packet = greeting.len().to_le_bytes()[..4].to_vec();
+            packet[3] = 0;
+            packet.extend_from_slice(&greeting);
+            // The client hangs up after the header.
+            let _ = stream.write_all(&packet);
+            false
+        });
+        let (port, _) = scripted(login, Box::new(|_| Vec::new()));
+        let failure = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon())
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::BadHandshake(_)), "{failure:?}");
+        assert_one_bounded_line(&failure);
+    }
+
+    #[test]
+    fn an_idle_session_ends_when_the_server_speaks() {
+        // The server hangs up (wait_timeout, a restart).
+        let (port, _) = scripted(logged_in_then(|_| {}), Box::new(|_| Vec::new()));
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        wait_readable(session.socket());
+        assert_eq!(session.on_readable(soon()), Err(Failure::Closed));
+
+        // KILL: an error packet, then the hang-up.
+        let killed =
+            logged_in_then(|stream| send(stream, 0, &error(1927, "Connection was killed")));
+        let (port, _) = scripted(killed, Box::new(|_| Vec::new()));
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        wait_readable(session.socket());
+        assert_eq!(
+            session.on_readable(soon()),
+            Err(Failure::ServerError("1927 Connection was killed".into()))
+        );
+
+        // Anything else unasked is no MySQL session any more either.
+        let (port, _) = scripted(
+            logged_in_then(|stream| send(stream, 0, &ok())),
+            Box::new(|_| Vec::new()),
+        );
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        assert!(matches!(
+            session.on_readable(soon()),
+            Err(Failure::BadHandshake(_))
+        ));
     }
 }

@@ -172,11 +172,15 @@ mod tests {
     use super::*;
     use crate::engines::{Login, Secret};
     use crate::net::{SslMode, Tls};
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use hmac::Mac;
     use postgres_protocol::authentication::md5_hash;
     use session::is_auth_code;
+    use sha2::{Digest, Sha256};
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::sync::mpsc;
+    use std::sync::{mpsc, OnceLock};
     use std::thread;
 
     fn node(port: u16, mode: SslMode, password: Option<&str>) -> Server {
@@ -365,6 +369,10 @@ mod tests {
         let (sender, receiver) = mpsc::channel();
         thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
+            // Every scripted server ends, whatever the client does.
+            let limit = Some(Duration::from_secs(30));
+            stream.set_read_timeout(limit).unwrap();
+            stream.set_write_timeout(limit).unwrap();
             script(&mut stream);
             let mut rest = Vec::new();
             let _ = stream.read_to_end(&mut rest);
@@ -597,5 +605,431 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(failure, Failure::BadHandshake(_)), "{failure:?}");
+    }
+
+    // --- SCRAM-SHA-256 with many iterations, server side -------------------
+
+    const SCRAM_PASSWORD: &str = "correct horse battery staple";
+    /// Not the salt of scram.rs's tests: the client's key cache must not
+    /// answer for it.
+    const SCRAM_SALT: &[u8] = b"dbha: 600k iterations";
+    /// What PostgreSQL 16's `scram_iterations` allows, and far past the
+    /// 100,000 postgres-protocol accepts.
+    const SCRAM_ITERATIONS: u32 = 600_000;
+
+    type HmacSha256 = hmac::Hmac<Sha256>;
+
+    fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap();
+        mac.update(message);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// PBKDF2-HMAC-SHA-256, one 32-byte block: RFC 5802's `Hi`.
+    fn pbkdf2(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+        let prf = <HmacSha256 as Mac>::new_from_slice(password).unwrap();
+        let mut block: [u8; 32] = prf
+            .clone()
+            .chain_update(salt)
+            .chain_update(1u32.to_be_bytes())
+            .finalize()
+            .into_bytes()
+            .into();
+        let mut key = block;
+        for _ in 1..iterations {
+            block = prf
+                .clone()
+                .chain_update(block)
+                .finalize()
+                .into_bytes()
+                .into();
+            key.iter_mut().zip(block).for_each(|(k, b)| *k ^= b);
+        }
+        key
+    }
+
+    /// The server's `SaltedPassword` for `SCRAM_PASSWORD`; with
+    /// `SCRAM_ITERATIONS`, derived once (unoptimised in a test build, that
+    /// takes seconds: `prepare_salted_password` starts it early).
+    fn server_salted_password(iterations: u32) -> [u8; 32] {
+        static SALTED: OnceLock<[u8; 32]> = OnceLock::new();
+        let derive = || pbkdf2(SCRAM_PASSWORD.as_bytes(), SCRAM_SALT, iterations);
+        if iterations == SCRAM_ITERATIONS {
+            *SALTED.get_or_init(derive)
+        } else {
+            derive()
+        }
+    }
+
+    /// Derives the server's key while the client derives its own.
+    fn prepare_salted_password() {
+        thread::spawn(|| server_salted_password(SCRAM_ITERATIONS));
+    }
+
+    #[test]
+    fn pbkdf2_of_the_scripted_server_matches_known_vectors() {
+        // PBKDF2-HMAC-SHA256("password", "salt", c, 32): the widely
+        // published SHA-256 counterparts of RFC 6070's vectors.
+        let hex = |key: [u8; 32]| {
+            key.iter().fold(String::new(), |mut out, b| {
+                use std::fmt::Write as _;
+                let _ = write!(out, "{b:02x}");
+                out
+            })
+        };
+        assert_eq!(
+            hex(pbkdf2(b"password", b"salt", 1)),
+            "120fb6cffcf8b32c43e7225256c4f837a86548c92ccc35480805987cb70be17b"
+        );
+        assert_eq!(
+            hex(pbkdf2(b"password", b"salt", 4096)),
+            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a"
+        );
+    }
+
+    /// Runs SCRAM-SHA-256 (RFC 5802, RFC 7677) as PostgreSQL does for
+    /// `SCRAM_PASSWORD` with `iterations`: checks the client's proof
+    /// (refusing it with 28P01 if wrong), then proves itself, with a wrong
+    /// signature if `forge`.
+    fn scram_server(stream: &mut TcpStream, iterations: u32, forge: bool) {
+        read_startup(stream);
+        stream.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).unwrap();
+        // SASLInitialResponse: mechanism, length, client-first message.
+        let (tag, body) = read_message(stream);
+        assert_eq!(tag, b'p');
+        let end = body.iter().position(|&b| b == 0).unwrap();
+        assert_eq!(&body[..end], b"SCRAM-SHA-256");
+        let length = i32::from_be_bytes(body[end + 1..end + 5].try_into().unwrap());
+        let client_first = std::str::from_utf8(&body[end + 5..]).unwrap().to_owned();
+        assert_eq!(usize::try_from(length).unwrap(), client_first.len());
+        let client_first_bare = client_first.strip_prefix("n,,").unwrap();
+        let client_nonce = client_first_bare.strip_prefix("n=,r=").unwrap();
+        assert!(client_nonce.len() >= 16, "{client_first}");
+        assert!(client_nonce
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b','));
+
+        let nonce = format!("{client_nonce}Zx9+server/nonce");
+        let server_first = format!("r={nonce},s={},i={iterations}", STANDARD.encode(SCRAM_SALT));
+        stream
+            .write_all(&auth(11, server_first.as_bytes()))
+            .unwrap();
+
+        let (tag, client_final) = read_message(stream);
+        assert_eq!(tag, b'p');
+        let client_final = String::from_utf8(client_final).unwrap();
+        let (without_proof, proof) = client_final.rsplit_once(",p=").unwrap();
+        assert_eq!(without_proof, format!("c=biws,r={nonce}"));
+        let proof = STANDARD.decode(proof).unwrap();
+        let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+        let salted = server_salted_password(iterations);
+        let stored_key: [u8; 32] = Sha256::digest(hmac_sha256(&salted, b"Client Key")).into();
+        let client_signature = hmac_sha256(&stored_key, auth_message.as_bytes());
+        let client_key: Vec<u8> = proof
+            .iter()
+            .zip(client_signature)
+            .map(|(p, s)| p ^ s)
+            .collect();
+        if proof.len() != 32 || Sha256::digest(&client_key).as_slice() != stored_key {
+            let refusal = error("28P01", "password authentication failed for user \"u\"");
+            stream.write_all(&refusal).unwrap();
+            return;
+        }
+        let server_key = hmac_sha256(&salted, b"Server Key");
+        let mut signature = hmac_sha256(&server_key, auth_message.as_bytes());
+        if forge {
+            signature[7] ^= 0x40;
+        }
+        let mut reply = auth(12, format!("v={}", STANDARD.encode(signature)).as_bytes());
+        reply.extend(auth(0, b""));
+        reply.extend(message(b'K', &[0, 0, 0, 7, 0, 0, 0, 9]));
+        reply.extend(ready());
+        stream.write_all(&reply).unwrap();
+    }
+
+    #[test]
+    fn scram_with_600k_iterations_logs_in_and_checks_the_server() {
+        prepare_salted_password();
+        let (port, received) = serve(|stream| scram_server(stream, SCRAM_ITERATIONS, false));
+        let began = Instant::now();
+        let session = connect(
+            &node(port, SslMode::Disable, Some(SCRAM_PASSWORD)),
+            began + Duration::from_secs(30),
+        );
+        assert!(session.is_ok(), "{:?}", session.err());
+        assert!(began.elapsed() < Duration::from_secs(30));
+        drop(session);
+        assert_eq!(received.recv().unwrap(), message(b'X', b""));
+
+        // A server that does not know the password cannot prove it does.
+        let (port, _) = serve(|stream| scram_server(stream, SCRAM_ITERATIONS, true));
+        let failure = connect(
+            &node(port, SslMode::Disable, Some(SCRAM_PASSWORD)),
+            soon(30_000),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            failure,
+            Failure::Auth("SCRAM: server not verified: wrong server signature".into())
+        );
+
+        // And the scripted server does check the proof: a wrong password is
+        // refused (with PostgreSQL's default count, to spare a derivation).
+        let (port, _) = serve(|stream| scram_server(stream, 4096, false));
+        let failure = connect(&node(port, SslMode::Disable, Some("wrong")), soon(30_000))
+            .err()
+            .unwrap();
+        assert_eq!(
+            failure,
+            Failure::Auth("password authentication failed for user \"u\"".into())
+        );
+    }
+
+    // --- hostile servers ---------------------------------------------------
+
+    /// About 900 KB of server text: many lines, carriage returns, escapes,
+    /// and a marker far past what may be quoted.
+    fn huge_text() -> String {
+        let mut text = String::from("terminating connection\n");
+        while text.len() < 900_000 {
+            text.push_str("\r\n[ERROR] a forged log line\n\t\x1b[0m");
+        }
+        text.push_str("END-OF-TEXT");
+        text
+    }
+
+    /// A FATAL `ErrorResponse` of ~900 KB (under the 1 MB message cap), its
+    /// message and detail many lines long.
+    fn huge_error(code: &str) -> Vec<u8> {
+        let body = format!(
+            "SFATAL\0VFATAL\0C{code}\0M{}\0Done\ntwo\0Hhint\r\n\0\0",
+            huge_text()
+        );
+        message(b'E', body.as_bytes())
+    }
+
+    /// `failure` reads as one bounded line: no line breaks or control
+    /// characters, one quote of server text (`one_line`'s bound) after the
+    /// SQLSTATE and a short prefix, no password.
+    fn assert_one_bounded_line(failure: &Failure) {
+        let quote = net::one_line(&"x".repeat(10_000)).chars().count();
+        let text = failure.to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.chars().count() <= quote + 30, "{text:?}");
+        assert!(!text.contains("hunter2") && !text.contains("END-OF-TEXT"));
+    }
+
+    #[test]
+    fn huge_multi_line_errors_are_quoted_on_one_bounded_line() {
+        // Refusing the login, or the session after authentication.
+        for (code, auth_first) in [("28P01", false), ("53300", true), ("3D000", true)] {
+            let (port, _) = serve(move |stream| {
+                read_startup(stream);
+                let mut reply = if auth_first { auth(0, b"") } else { Vec::new() };
+                reply.extend(huge_error(code));
+                stream.write_all(&reply).unwrap();
+            });
+            let failure = connect(&node(port, SslMode::Disable, Some("hunter2")), soon(2000))
+                .err()
+                .unwrap();
+            match code {
+                "53300" => assert!(
+                    matches!(&failure, Failure::ServerError(m) if m.starts_with("53300 terminating connection [ERROR]")),
+                    "{failure:?}"
+                ),
+                _ => assert!(
+                    matches!(&failure, Failure::Auth(m) if m.starts_with("terminating connection [ERROR]")),
+                    "{failure:?}"
+                ),
+            }
+            assert_one_bounded_line(&failure);
+        }
+
+        // The answer to a query.
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            read_message(stream);
+            stream.write_all(&huge_error("57P01")).unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        let failure = session.observe(soon(2000)).err().unwrap();
+        assert!(
+            matches!(&failure, Failure::ServerError(m) if m.starts_with("57P01 terminating")),
+            "{failure:?}"
+        );
+        assert_one_bounded_line(&failure);
+
+        // The check for new sessions.
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream.write_all(&huge_error("53300")).unwrap();
+        });
+        let failure = check_new_sessions(&node(port, SslMode::Disable, None), soon(2000))
+            .err()
+            .unwrap();
+        assert!(matches!(failure, Failure::ServerError(_)), "{failure:?}");
+        assert_one_bounded_line(&failure);
+    }
+
+    #[test]
+    fn new_sessions_are_checked_without_logging_in() {
+        let answering = |reply: Vec<u8>| {
+            serve(move |stream| {
+                let startup = read_startup(stream);
+                assert!(String::from_utf8_lossy(&startup).contains("user\0u\0"));
+                stream.write_all(&reply).unwrap();
+            })
+        };
+        // Asked for a password (SASL, md5): the backend was forked.
+        for request in [auth(10, b"SCRAM-SHA-256\0\0"), auth(5, &[1, 2, 3, 4])] {
+            let (port, received) = answering(request);
+            let server = node(port, SslMode::Disable, Some("hunter2"));
+            assert_eq!(check_new_sessions(&server, soon(2000)), Ok(()));
+            // Nothing more was sent: no password, no login.
+            assert_eq!(received.recv().unwrap(), b"");
+        }
+        // Trust: logged in at once, and said goodbye.
+        let (port, received) = answering(auth(0, b""));
+        assert_eq!(
+            check_new_sessions(&node(port, SslMode::Disable, None), soon(2000)),
+            Ok(())
+        );
+        assert_eq!(received.recv().unwrap(), message(b'X', b""));
+
+        // Refusals of who we are: the server takes sessions, not ours.
+        for code in ["28P01", "28000", "3D000"] {
+            let (port, _) = answering(error(code, "no pg_hba.conf entry"));
+            assert_eq!(
+                check_new_sessions(&node(port, SslMode::Disable, None), soon(2000)),
+                Ok(()),
+                "{code}"
+            );
+        }
+        // Refusals of anyone: no new sessions.
+        for code in ["53300", "57P03"] {
+            let (port, _) = answering(error(code, "sorry, too many clients already"));
+            let result = check_new_sessions(&node(port, SslMode::Disable, None), soon(2000));
+            assert!(
+                matches!(&result, Err(Failure::ServerError(s)) if s.contains(code)),
+                "{result:?}"
+            );
+        }
+        let (port, _) = answering(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+        assert!(matches!(
+            check_new_sessions(&node(port, SslMode::Disable, None), soon(2000)),
+            Err(Failure::BadHandshake(_))
+        ));
+
+        // A stuck postmaster: the kernel accepts, nobody answers.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let began = Instant::now();
+        assert_eq!(
+            check_new_sessions(&node(port, SslMode::Disable, None), soon(300)),
+            Err(Failure::Timeout)
+        );
+        let took = began.elapsed();
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_millis(600),
+            "{took:?}"
+        );
+        drop(listener);
+    }
+
+    /// Serves a login, then, once the client is idle (told on the returned
+    /// sender), or at once with the greeting (`with_greeting`), writes
+    /// `unasked`; then `then` runs.
+    fn idle_then(
+        unasked: Vec<u8>,
+        with_greeting: bool,
+        then: fn(&mut TcpStream),
+    ) -> (u16, mpsc::Sender<()>) {
+        let (idle, is_idle) = mpsc::channel();
+        let (port, _) = serve(move |stream| {
+            if with_greeting {
+                let mut login = Vec::new();
+                read_startup(stream);
+                login.extend(auth(0, b""));
+                login.extend(ready());
+                login.extend(&unasked);
+                stream.write_all(&login).unwrap();
+            } else {
+                greet(stream);
+                is_idle.recv_timeout(Duration::from_secs(10)).unwrap();
+                stream.write_all(&unasked).unwrap();
+            }
+            then(stream);
+        });
+        (port, idle)
+    }
+
+    #[test]
+    fn an_idle_session_hears_notices_and_its_end() {
+        // A notice and a parameter change: the session lives on.
+        let mut notices = message(b'N', b"SWARNING\0C01000\0Mcheckpoints too frequent\0\0");
+        notices.extend(message(b'S', b"in_hot_standby\0on\0"));
+        let (port, idle) = idle_then(notices, false, |stream| {
+            read_message(stream);
+            let mut reply = message(b'T', &[0, 0]);
+            reply.extend(data_row(&[Some("t"), Some("0"), None, Some("5")]));
+            reply.extend(message(b'C', b"SELECT 1\0"));
+            reply.extend(ready());
+            stream.write_all(&reply).unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        idle.send(()).unwrap();
+        let began = Instant::now();
+        assert_eq!(session.on_readable(soon(2000)), Ok(()));
+        assert!(began.elapsed() < Duration::from_millis(500));
+        assert_eq!(
+            session.observe(soon(2000)).unwrap().role,
+            Some(Role::Standby)
+        );
+
+        // pg_terminate_backend(): FATAL 57P01, then the server hangs up;
+        // the error may also have come in with the last answer.
+        let terminated = error(
+            "57P01",
+            "terminating connection due to administrator command",
+        );
+        for with_greeting in [false, true] {
+            let (port, idle) = idle_then(terminated.clone(), with_greeting, |stream| {
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+            });
+            let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+            // (Not waited for with the greeting.)
+            let _ = idle.send(());
+            let result = session.on_readable(soon(2000));
+            assert!(
+                matches!(&result, Err(Failure::ServerError(s)) if s.starts_with("57P01")),
+                "with the greeting: {with_greeting}: {result:?}"
+            );
+            assert_eq!(
+                result,
+                Err(Failure::ServerError(
+                    "57P01 terminating connection due to administrator command".into()
+                ))
+            );
+        }
+
+        // The server just hangs up.
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            stream.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        assert_eq!(session.on_readable(soon(2000)), Err(Failure::Closed));
+
+        // Anything else unasked is out of step.
+        let (port, _) = serve(|stream| {
+            greet(stream);
+            stream.write_all(&ready()).unwrap();
+        });
+        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+        assert!(matches!(
+            session.on_readable(soon(2000)),
+            Err(Failure::BadHandshake(_))
+        ));
     }
 }

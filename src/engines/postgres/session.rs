@@ -221,11 +221,19 @@ impl Connection {
     /// unasked only to notify (notices, parameter changes) or to end the
     /// session (a FATAL error, then it hangs up): the latter fails.
     pub fn take_unsolicited(&mut self) -> Result<(), Failure> {
+        // What came in with the last answer first: a FATAL error read along
+        // with it must not be hidden behind the hang-up that follows.
+        self.take_parsed()?;
         match self.fill() {
             // Only a TLS record with nothing for us (a session ticket) came.
             Err(Failure::Timeout) => return Ok(()),
             result => result?,
         }
+        self.take_parsed()
+    }
+
+    /// Takes in the unsolicited messages already received whole.
+    fn take_parsed(&mut self) -> Result<(), Failure> {
         while let Some((tag, message)) = self.parsed()? {
             match message {
                 Message::NoticeResponse(_)
