@@ -120,6 +120,32 @@ def test_a_kill_is_noticed_at_once_and_a_promotion_followed_without_reports(
         assert set(writer.acked.values()) == {"failover1"}
 
 
+def test_a_hung_writer_the_application_reports_fails_fast(cluster: Cluster) -> None:
+    """ON_ALL_DOWN is "last", but once the application reports the writer
+    failing and dbha's own probes time out too, a request fails at once
+    instead of waiting out libpq's connect_timeout (2 s here)."""
+
+    def fails_fast() -> bool:
+        try:
+            dbha.available_db()
+        except dbha.NoHealthyDatabase:
+            return True
+        return False
+
+    assert dbha.available_db() == "default"
+    cluster.servers["default"].pause()
+    wait_for(lambda: status("default").failures > 0, what="a timed-out probe")
+    dbha.report_failure("default")
+    wait_for(fails_fast, what="the confirmed failure")
+    started = time.monotonic()
+    with pytest.raises(dbha.NoHealthyDatabase, match="failing for the application too"):
+        Item.objects.create(name="nowhere")
+    assert time.monotonic() - started < 0.5
+    cluster.servers["default"].resume()
+    wait_for(lambda: status("default").is_writer, what="recovery")
+    assert dbha.available_db() == "default"
+
+
 def test_terminating_the_probe_session_is_no_false_down(cluster: Cluster) -> None:
     settings = {**TEST_DBHA, "CHECK_INTERVAL": 60, "FALL": 1}
     with override_settings(DBHA=settings):

@@ -53,7 +53,7 @@ class Writer:
             except Exception:
                 self.failed += 1
                 if self.report_failures:
-                    dbha.report_failure(dbha.available_db())
+                    dbha.report_failure("default")  # any alias of the group
             finally:
                 connections.close_all()
             time.sleep(0.01)

@@ -219,6 +219,9 @@ impl Runtime {
                 OnAllDown::Last => Ok(self.aliases[node].clone_ref(py)),
                 OnAllDown::Raise => Err(NoHealthyDatabase::new_err(self.all_down_message(group))),
             },
+            // The application's own attempts fail there too: failing now
+            // beats every request waiting out the driver's connect timeout.
+            Route::Failing(_) => Err(NoHealthyDatabase::new_err(self.all_down_message(group))),
         }
     }
 

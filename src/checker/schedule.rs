@@ -120,36 +120,44 @@ pub struct Snapshot {
     /// Per node: the highest writer probe number whose finding this standby
     /// has replayed (read-your-writes, see `reads::WriteLog`).
     pub caught_up: Vec<u64>,
+    /// Per node: the application reported it failing while its own probes
+    /// failed too, and no probe has succeeded since.
+    pub reported_failing: Vec<bool>,
 }
 
 /// Where a group's writes should go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     Healthy(usize),
-    /// No node is up: the last writer, or the first member if none ever was.
+    /// No writer: the last writer, or the first member if none ever was.
     AllDown(usize),
+    /// No writer, and the application itself reported the last writer
+    /// failing while dbha's probes failed too: a request sent there would
+    /// only fail after the driver's connect timeout, so it fails at once.
+    Failing(usize),
 }
 
 impl Route {
     /// One word, so that the hot path reads a route with one atomic load.
     fn pack(self) -> usize {
         match self {
-            Self::Healthy(node) => node << 1 | 1,
-            Self::AllDown(node) => node << 1,
+            Self::AllDown(node) => node << 2,
+            Self::Healthy(node) => node << 2 | 1,
+            Self::Failing(node) => node << 2 | 2,
         }
     }
 
     fn unpack(word: usize) -> Self {
-        if word & 1 == 1 {
-            Self::Healthy(word >> 1)
-        } else {
-            Self::AllDown(word >> 1)
+        match word & 3 {
+            1 => Self::Healthy(word >> 2),
+            2 => Self::Failing(word >> 2),
+            _ => Self::AllDown(word >> 2),
         }
     }
 
     pub fn node(self) -> usize {
         match self {
-            Self::Healthy(node) | Self::AllDown(node) => node,
+            Self::Healthy(node) | Self::AllDown(node) | Self::Failing(node) => node,
         }
     }
 }
@@ -165,6 +173,7 @@ impl Snapshot {
             newest_timelines: vec![None; config.groups.len()],
             readers: vec![0; config.groups.len()],
             caught_up: vec![0; config.nodes.len()],
+            reported_failing: vec![false; config.nodes.len()],
         }
     }
 
@@ -178,6 +187,8 @@ impl Snapshot {
                 let node = &config.nodes[i];
                 let fenced = if self.fenced[i] {
                     " (fenced: an older or rival primary)"
+                } else if self.reported_failing[i] {
+                    " (failing for the application too)"
                 } else {
                     ""
                 };
@@ -195,9 +206,14 @@ impl Snapshot {
     pub fn route(&self, config: &Config, group: usize) -> Route {
         match self.writers[group] {
             Some(writer) => Route::Healthy(writer),
-            None => Route::AllDown(
-                self.last_writers[group].unwrap_or(config.groups[group].members.start),
-            ),
+            None => {
+                let last = self.last_writers[group].unwrap_or(config.groups[group].members.start);
+                if self.reported_failing[last] {
+                    Route::Failing(last)
+                } else {
+                    Route::AllDown(last)
+                }
+            }
         }
     }
 
@@ -658,7 +674,7 @@ impl Scheduler {
     /// no healthy writer, else `CHECK_INTERVAL`, each randomised by `JITTER`.
     fn interval(&self, group: usize) -> Duration {
         let timing = &self.shared.config.timing;
-        let base = if self.decided[group] && self.state.is_urgent(group) {
+        let base = if self.decided[group] && self.is_urgent(group) {
             timing.fast_interval
         } else {
             timing.check_interval
@@ -701,6 +717,9 @@ impl Scheduler {
             if !groups[node.group] {
                 continue;
             }
+            if reported[index] && self.state.nodes[index].failures > 0 {
+                self.confirm_reported_failure(index);
+            }
             let check = reported[index] || self.session_check_due(index, now);
             match self.dispatch(index, check) {
                 Ok(()) => waiting.push(index),
@@ -727,6 +746,30 @@ impl Scheduler {
             waiting,
         });
         self.settle();
+    }
+
+    /// The application reports a failure of a node whose own probes fail
+    /// too: two independent attempts agree, so it is down now, not after
+    /// FALL, and requests routed to it while no other node takes the writes
+    /// fail at once (`Route::Failing`).
+    fn confirm_reported_failure(&mut self, node: usize) {
+        self.state.reported_failing[node] = true;
+        let health = &mut self.state.nodes[node];
+        if health.health == Health::Up {
+            health.health = Health::Down;
+            log_change(&self.shared.config.nodes[node], health, Health::Down);
+        }
+    }
+
+    /// The group has no healthy writer, or its writer is being asked whether
+    /// it takes new sessions (after a report, that may take a deadline): its
+    /// other members are probed every `FAST_INTERVAL` meanwhile, so that a
+    /// promotion is seen at once.
+    fn is_urgent(&self, group: usize) -> bool {
+        self.state.is_urgent(group)
+            || self.state.writers[group].is_some_and(|w| {
+                matches!(&self.probe_threads[w], Some(t) if t.in_flight.as_ref().is_some_and(|f| f.checks_sessions))
+            })
     }
 
     /// Whether this probe of `node` must also open a fresh connection: its
@@ -843,6 +886,9 @@ impl Scheduler {
     fn record(&mut self, index: usize, outcome: ProbeOutcome) {
         let config = &self.shared.config;
         let timing = config.timing;
+        if outcome.result.is_ok() {
+            self.state.reported_failing[index] = false;
+        }
         let health = &mut self.state.nodes[index];
         if let Some(change) = health.record(outcome, timing.rise, timing.fall, SystemTime::now()) {
             log_change(&config.nodes[index], health, change);
@@ -882,7 +928,7 @@ impl Scheduler {
                     self.write_logs[g].caught_up(&self.state.nodes[i])
                 };
             }
-            if self.state.is_urgent(g) {
+            if self.is_urgent(g) {
                 // Do not wait out a long interval already scheduled.
                 let soon = now + config.timing.fast_interval;
                 self.next_round[g] = self.next_round[g].min(soon);
@@ -911,16 +957,18 @@ impl Scheduler {
     }
 
     /// Whether the group's choice should wait for this node: it never
-    /// answered yet, or it looked healthy and its answer is on its way (a
-    /// node already failing is not waited for: its answer is likely a
-    /// timeout, and a promotion must not wait for that).
+    /// answered yet, or it looked healthy and its answer is on its way. Not
+    /// waited for: a node already failing (its answer is likely a timeout,
+    /// and a promotion must not wait for that), or one being asked whether
+    /// it takes new sessions (after a report, that may take a deadline).
     fn undecided(&self, node: usize) -> bool {
         let health = &self.state.nodes[node];
-        let in_flight = matches!(
+        let awaited = matches!(
             &self.probe_threads[node],
-            Some(thread) if thread.busy() && !thread.abandoned
+            Some(thread) if !thread.abandoned
+                && thread.in_flight.as_ref().is_some_and(|f| !f.checks_sessions)
         );
-        health.health == Health::Unknown || (in_flight && health.is_up() && !health.is_suspect())
+        health.health == Health::Unknown || (awaited && health.is_up() && !health.is_suspect())
     }
 
     fn publish(&self) {
@@ -1231,8 +1279,11 @@ mod tests {
         Standby(u64),
         /// A standby with this lag (seconds) that has replayed this position.
         StandbyAt(u64, u64),
-        /// The kept session answers; a new connection would hang.
+        /// The kept session answers; a new connection would fail.
         NoNewSessions,
+        /// The kept session answers (a primary on timeline 1); a new
+        /// connection hangs until the deadline.
+        NoNewSessionsHang,
         Refused,
         Hang,
         Panic,
@@ -1289,6 +1340,14 @@ mod tests {
                 Answer::NoNewSessions if check => {
                     Err(Failure::NoNewSessions(Box::new(Failure::Timeout)))
                 }
+                Answer::NoNewSessionsHang if check => {
+                    thread::sleep(timeout);
+                    Err(Failure::NoNewSessions(Box::new(Failure::Timeout)))
+                }
+                Answer::NoNewSessionsHang => Ok(Observation {
+                    timeline: Some(1),
+                    ..role(Role::Primary, None)
+                }),
                 Answer::Primary | Answer::NoNewSessions => Ok(role(Role::Primary, None)),
                 Answer::PrimaryAt(timeline, position) => Ok(Observation {
                     timeline: Some(timeline),
@@ -1323,7 +1382,9 @@ mod tests {
         );
         let mut settings = vec![
             ("CHECK_INTERVAL".to_owned(), Value::Float(0.05)),
-            ("CONNECT_TIMEOUT".to_owned(), Value::Float(0.2)),
+            // Generous: a loaded machine (tests in parallel, backtraces printed)
+            // must not turn a scripted answer into a timeout.
+            ("CONNECT_TIMEOUT".to_owned(), Value::Float(1.0)),
             ("RISE".to_owned(), Value::Int(1)),
             ("FALL".to_owned(), Value::Int(1)),
         ];
@@ -1334,10 +1395,17 @@ mod tests {
         Arc::new(Config::from_settings(&databases, &Value::Map(settings)).unwrap())
     }
 
+    /// The route, once the atomic the hot path reads agrees with the
+    /// snapshot (they are published one after the other).
     fn writer(checker: &Checker) -> Route {
-        let route = checker.route(0);
-        assert_eq!(route, checker.snapshot().route(checker.config(), 0));
-        route
+        for _ in 0..100 {
+            let route = checker.route(0);
+            if route == checker.snapshot().route(checker.config(), 0) {
+                return route;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        panic!("the published route and snapshot disagree");
     }
 
     /// Runs fresh rounds and returns the route after them. Two: the first
@@ -1448,7 +1516,8 @@ mod tests {
                 Ok(Observation::default())
             }
         }
-        let checker = Checker::start(config(&["a", "b"], &[]), Arc::new(Stuck), None).unwrap();
+        let dbha = [("CONNECT_TIMEOUT", Value::Float(0.2))];
+        let checker = Checker::start(config(&["a", "b"], &dbha), Arc::new(Stuck), None).unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(1)));
         assert_eq!(writer(&checker), Route::Healthy(1));
         let started = Instant::now();
@@ -1771,6 +1840,76 @@ mod tests {
         while writer(&checker) != Route::Healthy(0) {
             assert!(started.elapsed() < Duration::from_secs(2), "never back");
             thread::sleep(Duration::from_millis(5));
+        }
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_promotion_is_seen_while_a_reported_writer_is_being_checked() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::NoNewSessionsHang);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Int(60)),
+            ("CONNECT_TIMEOUT", Value::Float(1.0)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        assert_eq!(writer(&checker), Route::Healthy(0));
+        checker.report_failure(0);
+        thread::sleep(Duration::from_millis(100));
+        // Promoted while a's new-session check waits out its deadline.
+        script.set("b", Answer::PrimaryAt(2, 0));
+        let promoted = Instant::now();
+        while writer(&checker) != Route::Healthy(1) {
+            assert!(promoted.elapsed() < Duration::from_secs(3), "not followed");
+            thread::sleep(Duration::from_millis(2));
+        }
+        // Probed every FAST_INTERVAL meanwhile, not after the 1 s check.
+        assert!(
+            promoted.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            promoted.elapsed()
+        );
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_failure_the_application_reports_and_probes_confirm_fails_fast() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("CONNECT_TIMEOUT", Value::Float(0.3)),
+            ("FALL", Value::Int(10)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        // A report alone (a's probes pass) marks nothing.
+        checker.report_failure(0);
+        settle(&checker);
+        assert_eq!(writer(&checker), Route::Healthy(0));
+        script.set("a", Answer::Refused);
+        let started = Instant::now();
+        while checker.snapshot().nodes[0].failures == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "no failed probe"
+            );
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(writer(&checker), Route::Healthy(0), "suspect, FALL is 10");
+        // The application's failure report agrees: down now, and fail fast.
+        checker.report_failure(0);
+        while writer(&checker) != Route::Failing(0) {
+            assert!(started.elapsed() < Duration::from_secs(2), "not confirmed");
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert!(checker.snapshot().nodes[0].failures < 10);
+        // It answers again: back to normal.
+        script.set("a", Answer::Primary);
+        while writer(&checker) != Route::Healthy(0) {
+            assert!(started.elapsed() < Duration::from_secs(3), "not back");
+            thread::sleep(Duration::from_millis(2));
         }
         checker.stop(true);
     }

@@ -6,14 +6,17 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Creates a doorbell: the [`Bell`] rings (becomes readable) whenever the
-/// [`Ringer`] rings it, and hangs up when the ringer is dropped.
+/// [`Ringer`] rings it, and hangs up when the ringer is dropped. A socket
+/// pair, not a pipe: ringing a bell whose thread is gone must not raise
+/// SIGPIPE (`MSG_NOSIGNAL` exists for sockets only).
 pub fn doorbell() -> io::Result<(Ringer, Bell)> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: pipe2 succeeded: both descriptors are open and now ours alone.
+    // SAFETY: socketpair succeeded: both descriptors are open and now ours.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok((Ringer(write), Bell(read)))
 }
@@ -22,9 +25,17 @@ pub struct Ringer(OwnedFd);
 
 impl Ringer {
     pub fn ring(&self) {
-        // A full pipe already rings: EAGAIN loses nothing.
-        // SAFETY: writes one byte from a live buffer to our own descriptor.
-        let _ = unsafe { libc::write(self.0.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        // A full buffer already rings, a gone bell needs none: errors lose
+        // nothing.
+        // SAFETY: sends one byte from a live buffer on our own socket.
+        let _ = unsafe {
+            libc::send(
+                self.0.as_raw_fd(),
+                [1u8].as_ptr().cast(),
+                1,
+                libc::MSG_NOSIGNAL,
+            )
+        };
     }
 }
 
@@ -123,5 +134,16 @@ mod tests {
 
         drop(ringer);
         assert!(bell.wait(None).unwrap().hung_up);
+    }
+
+    #[test]
+    fn ringing_a_gone_bell_raises_no_sigpipe() {
+        let (ringer, bell) = doorbell().unwrap();
+        drop(bell);
+        // SAFETY: sets a signal disposition; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        for _ in 0..3 {
+            ringer.ring();
+        }
     }
 }
