@@ -82,7 +82,8 @@ fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
                 known.join(", ")
             ))
         })?;
-        runtime.checker.report_failure(node);
+        // It waits (briefly) for the scheduler: never with the interpreter.
+        py.detach(|| runtime.checker.report_failure(node));
         Ok(())
     })
 }

@@ -40,6 +40,8 @@ const GRACE: Duration = Duration::from_millis(50);
 /// Least time between two rounds of a group triggered by failure reports, so
 /// that a burst of failing requests costs a few probes, not one each.
 const REPORT_GAP: Duration = Duration::from_millis(50);
+/// The longest `report_failure` waits for the scheduler to take it in.
+const REPORT_WAIT: Duration = Duration::from_millis(50);
 /// Pause before restarting a scheduler that panicked.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
@@ -233,6 +235,9 @@ struct Control {
     /// Per node: the application reported a failure, so its next probe
     /// also checks that it takes new sessions.
     reported: Vec<bool>,
+    /// Failure reports made, and taken in by the scheduler.
+    reports_made: u64,
+    reports_taken: u64,
     /// The last round started (rounds are numbered from 1).
     started: u64,
     /// Every round below this one has completed ...
@@ -253,6 +258,8 @@ impl Control {
             requested: vec![None; groups],
             last_started: vec![None; groups],
             reported: vec![false; nodes],
+            reports_made: 0,
+            reports_taken: 0,
             started: 0,
             completed_below: 1,
             completed: BTreeSet::new(),
@@ -429,15 +436,30 @@ impl Checker {
 
     /// Passive feedback that `node` failed for the application: re-probes
     /// its group soon, checking that `node` still takes new sessions (one
-    /// report never marks it down).
+    /// report alone never marks it down). Returns once the scheduler has
+    /// taken the report in (at most `REPORT_WAIT`): if `node`'s own probes
+    /// fail too, the application's next request already fails fast.
     pub fn report_failure(&self, node: usize) {
         let group = self.shared.config.nodes[node].group;
         let mut control = self.shared.control.lock();
         control.reported[node] = true;
+        control.reports_made += 1;
+        let ticket = control.reports_made;
         let earliest = control.last_started[group].map_or_else(Instant::now, |at| at + REPORT_GAP);
         let requested = &mut control.requested[group];
         *requested = Some(requested.map_or(earliest, |r| r.min(earliest)));
         control.wake();
+        let deadline = Instant::now() + REPORT_WAIT;
+        while control.reports_taken < ticket && !control.stop {
+            if self
+                .shared
+                .round_done
+                .wait_until(&mut control, deadline)
+                .timed_out()
+            {
+                return;
+            }
+        }
     }
 
     /// Waits up to `timeout` until the round with `ticket` has completed.
@@ -618,6 +640,7 @@ impl Scheduler {
 
     fn run(mut self) {
         while !self.shared.control.lock().stop {
+            self.take_reports();
             if let Some((round, groups)) = self.due_round() {
                 self.start_round(round, &groups);
             }
@@ -717,9 +740,6 @@ impl Scheduler {
             if !groups[node.group] {
                 continue;
             }
-            if reported[index] && self.state.nodes[index].failures > 0 {
-                self.confirm_reported_failure(index);
-            }
             let check = reported[index] || self.session_check_due(index, now);
             match self.dispatch(index, check) {
                 Ok(()) => waiting.push(index),
@@ -748,17 +768,36 @@ impl Scheduler {
         self.settle();
     }
 
-    /// The application reports a failure of a node whose own probes fail
-    /// too: two independent attempts agree, so it is down now, not after
-    /// FALL, and requests routed to it while no other node takes the writes
-    /// fail at once (`Route::Failing`).
-    fn confirm_reported_failure(&mut self, node: usize) {
-        self.state.reported_failing[node] = true;
-        let health = &mut self.state.nodes[node];
-        if health.health == Health::Up {
-            health.health = Health::Down;
-            log_change(&self.shared.config.nodes[node], health, Health::Down);
+    /// Takes in the failure reports made since the last look. A report of
+    /// a node whose own last probe failed too is a confirmation (two
+    /// independent attempts agree): the node is down now, not after FALL,
+    /// and requests routed to it while no other node takes the writes fail
+    /// at once (`Route::Failing`). The reports stay for the next round,
+    /// which checks those nodes for new sessions.
+    fn take_reports(&mut self) {
+        let mut control = self.shared.control.lock();
+        if control.reports_taken == control.reports_made {
+            return;
         }
+        let mut confirmed = false;
+        for (node, &reported) in control.reported.iter().enumerate() {
+            if reported && self.state.nodes[node].failures > 0 {
+                confirmed |= !self.state.reported_failing[node];
+                self.state.reported_failing[node] = true;
+                let health = &mut self.state.nodes[node];
+                if health.health == Health::Up {
+                    health.health = Health::Down;
+                    log_change(&self.shared.config.nodes[node], health, Health::Down);
+                }
+            }
+        }
+        control.reports_taken = control.reports_made;
+        drop(control);
+        if confirmed {
+            self.settle();
+        }
+        // Wakes `report_failure`, which waits for this.
+        self.shared.round_done.notify_all();
     }
 
     /// The group has no healthy writer, or its writer is being asked whether
@@ -1898,12 +1937,10 @@ mod tests {
             thread::sleep(Duration::from_millis(2));
         }
         assert_eq!(writer(&checker), Route::Healthy(0), "suspect, FALL is 10");
-        // The application's failure report agrees: down now, and fail fast.
+        // The application's failure report agrees: down now, and fail fast,
+        // already for the request right after the report.
         checker.report_failure(0);
-        while writer(&checker) != Route::Failing(0) {
-            assert!(started.elapsed() < Duration::from_secs(2), "not confirmed");
-            thread::sleep(Duration::from_millis(2));
-        }
+        assert_eq!(checker.route(0), Route::Failing(0));
         assert!(checker.snapshot().nodes[0].failures < 10);
         // It answers again: back to normal.
         script.set("a", Answer::Primary);
