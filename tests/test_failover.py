@@ -277,6 +277,19 @@ def test_reads_in_an_atomic_block_on_the_writer_stay_on_the_writer(cluster: Clus
         # A block on another alias pins nothing.
         with transaction.atomic(using="failover1"):
             assert router.db_for_read(Item) != "default"
+
+        def elsewhere() -> str:
+            seen: list[str] = []
+            thread = threading.Thread(target=lambda: seen.append(dbha.read_db()))
+            thread.start()
+            thread.join()
+            return seen[0]
+
+        # Settings changed inside a block (as tests do): it still counts.
+        new_settings = override_settings(DBHA={**REPLICAS, "MAX_REPLICA_LAG": 6})
+        with transaction.atomic(using="default"), new_settings:
+            wait_for(lambda: elsewhere() != "default", what="replica reads, new settings")
+            assert router.db_for_read(Item) == "default"
         connections.close_all()
 
 

@@ -90,24 +90,26 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def _descendants(root: int) -> list[int]:
-    """Every live process below `root`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    """Every live process below `root`, from each process's
+    /proc/<pid>/task/<tid>/children: a read per process of the tree, not per
+    process of the machine (a scan of all of /proc takes seconds when other
+    threads hold the interpreter)."""
     found: list[int] = []
     pending = [root]
     while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
+        pid = pending.pop()
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue  # exited meanwhile
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                found.append(child)
+                pending.append(child)
     return found
 
 

@@ -128,6 +128,22 @@ impl ThreadReads {
             atomic: (0..runtime.aliases.len()).map(|_| Cell::new(0)).collect(),
         }
     }
+
+    /// This thread's state for `runtime`, which replaces `previous`: the
+    /// `transaction.atomic()` blocks still open (settings may change inside
+    /// one, as in a test) stay counted, by alias.
+    fn succeeding(runtime: &Runtime, previous: Option<&Current>) -> Self {
+        let reads = Self::new(runtime);
+        if let Some(previous) = previous {
+            for (node, depth) in previous.reads.atomic.iter().enumerate() {
+                let alias = &previous.runtime.config().nodes[node].alias;
+                if let (true, Some(now)) = (depth.get() > 0, runtime.node_index(alias)) {
+                    reads.atomic[now].set(depth.get());
+                }
+            }
+        }
+        reads
+    }
 }
 
 /// `use_writer()` entered (`true`) or left.
@@ -365,10 +381,11 @@ fn with_current<R>(
             match cached.as_mut() {
                 // The same runtime: keep this thread's state (its writes).
                 Some(cached) if Arc::ptr_eq(&cached.runtime, &runtime) => cached.epoch = epoch,
-                _ => {
+                previous => {
+                    let reads = ThreadReads::succeeding(&runtime, previous.as_deref());
                     *cached = Some(Current {
                         epoch,
-                        reads: ThreadReads::new(&runtime),
+                        reads,
                         runtime: Arc::clone(&runtime),
                     });
                 }
