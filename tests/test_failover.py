@@ -26,6 +26,8 @@ from tests.workload import Writer, names_on, status, writer_is
 
 REPLICAS = {**TEST_DBHA, "READS": "replicas"}
 
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+
 
 @pytest.mark.parametrize("promoted", ["failover1", "failover2"])
 def test_a_stuck_postmaster_and_a_promotion(cluster: Cluster, promoted: str) -> None:
