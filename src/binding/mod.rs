@@ -8,7 +8,6 @@ mod router;
 mod runtime;
 mod value;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 
@@ -70,18 +69,7 @@ fn check_now(py: Python<'_>, group: Option<&str>) -> PyResult<bool> {
 #[pyfunction]
 fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
     with_runtime(py, |runtime, _| {
-        let node = runtime.node_index(alias).ok_or_else(|| {
-            let known: Vec<_> = runtime
-                .config()
-                .nodes
-                .iter()
-                .map(|n| format!("'{}'", n.alias))
-                .collect();
-            PyValueError::new_err(format!(
-                "dbha does not watch alias '{alias}'; it watches {}",
-                known.join(", ")
-            ))
-        })?;
+        let node = runtime.watched_node(alias)?;
         // It waits (briefly) for the scheduler: never with the interpreter.
         py.detach(|| runtime.checker.report_failure(node));
         Ok(())

@@ -165,21 +165,23 @@ impl Runtime {
     pub fn group_index(&self, name: Option<&str>) -> PyResult<usize> {
         let Some(name) = name else { return Ok(0) };
         self.config().group_index(name).ok_or_else(|| {
-            let known: Vec<_> = self
-                .config()
-                .groups
-                .iter()
-                .map(|g| format!("'{}'", g.name))
-                .collect();
-            PyValueError::new_err(format!(
-                "unknown dbha group '{name}'; groups are {}",
-                known.join(", ")
-            ))
+            let known = quoted(self.config().groups.iter().map(|g| g.name.as_str()));
+            PyValueError::new_err(format!("unknown dbha group '{name}'; groups are {known}"))
         })
     }
 
     pub fn node_index(&self, alias: &str) -> Option<usize> {
         self.config().node_index(alias)
+    }
+
+    /// The node of a watched `alias`, else a `ValueError` listing them.
+    pub fn watched_node(&self, alias: &str) -> PyResult<usize> {
+        self.node_index(alias).ok_or_else(|| {
+            let known = quoted(self.config().nodes.iter().map(|n| n.alias.as_str()));
+            PyValueError::new_err(format!(
+                "dbha does not watch alias '{alias}'; it watches {known}"
+            ))
+        })
     }
 
     /// The group a model's queries go to (`ROUTES`) and whether its reads
@@ -327,6 +329,14 @@ impl Runtime {
             self.checker.snapshot().describe_group(config, group)
         )
     }
+}
+
+/// `'a', 'b'`: names for a message.
+fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Runs `f` with the current runtime and this thread's state for it,
