@@ -327,3 +327,45 @@ def test_use_writer_is_per_asyncio_task(cluster: Cluster) -> None:
         pinned_answer, unpinned_answer = asyncio.run(main())
         assert pinned_answer == "default"
         assert unpinned_answer != "default", "the pin did not leak into the other task"
+
+
+def test_the_probe_never_holds_the_application_database(cluster: Cluster) -> None:
+    """Django's test runner clones `NAME` with CREATE DATABASE ... TEMPLATE
+    and drops it afterwards: a probe session kept there would make both
+    fail. The probe logs into `postgres` instead."""
+    cluster.pg.createdb("shopdb")
+    primary = cluster.servers["default"]
+    entry = pg_settings(PG_PORTS["default"], NAME="shopdb")
+    try:
+        with override_settings(DATABASES={"default": entry}, DBHA=TEST_DBHA):
+            assert dbha.available_db() == "default"
+            assert status("default").role == "primary"
+            primary.query("create database shopdb_clone template shopdb", timeout=30)
+            primary.query("drop database shopdb_clone", timeout=30)
+            primary.query("drop database shopdb", timeout=30)
+            assert status("default").state == "up"
+    finally:
+        primary.query("drop database if exists shopdb_clone", timeout=30)
+        primary.query("drop database if exists shopdb", timeout=30)
+
+
+def test_the_probe_falls_back_to_name_when_postgres_is_refused(cluster: Cluster) -> None:
+    primary = cluster.servers["default"]
+    primary.query("create user only_app")
+    hba = primary.datadir / "pg_hba.conf"
+    original = hba.read_text()
+    # This user may connect to the application's database only.
+    hba.write_text(
+        "host postgres only_app 127.0.0.1/32 reject\n"
+        "host postgres only_app 127.0.0.1/32 trust\n" + original
+    )
+    primary.query("select pg_reload_conf()")
+    try:
+        entry = pg_settings(PG_PORTS["default"], USER="only_app", PASSWORD="", NAME="template1")
+        with override_settings(DATABASES={"default": entry}, DBHA=TEST_DBHA):
+            assert dbha.available_db() == "default"
+            assert (status("default").state, status("default").role) == ("up", "primary")
+    finally:
+        hba.write_text(original)
+        primary.query("select pg_reload_conf()")
+        primary.query("drop user only_app")

@@ -16,6 +16,9 @@ use super::value::Value;
 use crate::engines::{Engine, Login, Secret, Server};
 use crate::net::{Endpoint, SslMode, Tls};
 
+/// The database PostgreSQL's `role` probe logs into.
+const MAINTENANCE_DATABASE: &str = "postgres";
+
 /// The group `DBHA["DATABASES"]` (or the default) defines.
 pub const DEFAULT_GROUP: &str = "default";
 
@@ -525,15 +528,26 @@ impl<'a> Settings<'a> {
         let password = field("PASSWORD")?
             .filter(|p| !p.is_empty())
             .map(Secret::new);
-        let database = match entry.get("NAME") {
-            Some(Value::Str(name)) if !name.is_empty() => name.clone(),
-            _ if engine == Engine::PostgreSql => "postgres".to_owned(),
-            _ => String::new(),
+        // Never the application's database: a session kept there makes
+        // `CREATE DATABASE ... TEMPLATE` (the test runner's clones) and
+        // `DROP DATABASE` fail. PostgreSQL: the maintenance database, then
+        // `NAME` if the server refuses it (as Django's `_nodb_cursor`);
+        // MySQL needs none.
+        let name = match entry.get("NAME") {
+            Some(Value::Str(name)) if !name.is_empty() && name != MAINTENANCE_DATABASE => {
+                Some(name.clone())
+            }
+            _ => None,
+        };
+        let (database, fallback_database) = match engine {
+            Engine::PostgreSql => (MAINTENANCE_DATABASE.to_owned(), name),
+            _ => (String::new(), None),
         };
         Ok(Login {
             user,
             password,
             database,
+            fallback_database,
         })
     }
 
@@ -1067,6 +1081,32 @@ mod tests {
         assert_eq!(c.nodes[2].group, 1);
         assert_eq!(c.routes["analytics"], 1);
         assert_eq!(c.routes["shop.order"], 0);
+    }
+
+    #[test]
+    fn probes_never_log_into_the_application_database() {
+        let named = |engine: &str, name: &str| {
+            let entry = map(&[
+                ("ENGINE", Value::str(engine)),
+                ("NAME", Value::str(name)),
+                ("PORT", Value::Int(1)),
+            ]);
+            let login = Config::from_settings(&map(&[("db", entry)]), &Value::None)
+                .unwrap()
+                .nodes[0]
+                .server
+                .login
+                .clone();
+            (login.database, login.fallback_database)
+        };
+        let pg = "django.db.backends.postgresql";
+        assert_eq!(named(pg, "shop"), ("postgres".into(), Some("shop".into())));
+        assert_eq!(named(pg, "postgres"), ("postgres".into(), None));
+        assert_eq!(named(pg, ""), ("postgres".into(), None));
+        assert_eq!(
+            named("django.db.backends.mysql", "shop"),
+            (String::new(), None)
+        );
     }
 
     #[test]

@@ -168,6 +168,7 @@ mod tests {
                     user: "u".into(),
                     password: None,
                     database: String::new(),
+                    fallback_database: None,
                 },
                 tls: Tls::DISABLED,
             },

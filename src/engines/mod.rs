@@ -46,6 +46,8 @@ pub struct Login {
     pub password: Option<Secret>,
     /// The database to connect to; empty for none (MySQL).
     pub database: String,
+    /// Connected to instead when the server refuses `database` (PostgreSQL).
+    pub fallback_database: Option<String>,
 }
 
 /// Everything needed to reach one server and log in to it.

@@ -146,6 +146,7 @@ mod tests {
                 user: user.into(),
                 password: password.map(Secret::new),
                 database: String::new(),
+                fallback_database: None,
             },
             tls: Tls::DISABLED,
         }

@@ -193,6 +193,7 @@ mod tests {
                 user: "u".into(),
                 password: password.map(Secret::new),
                 database: "postgres".into(),
+                fallback_database: None,
             },
             tls: Tls {
                 mode,
@@ -390,6 +391,49 @@ mod tests {
         reply.extend(message(b'K', &[0, 0, 0, 7, 0, 0, 0, 9]));
         reply.extend(ready());
         stream.write_all(&reply).unwrap();
+    }
+
+    #[test]
+    fn the_maintenance_database_refused_the_login_falls_back_to_name() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = thread::spawn(move || {
+            let mut asked = Vec::new();
+            for refusal in ["3D000", "28P01"] {
+                let (mut stream, _) = listener.accept().unwrap();
+                let startup = String::from_utf8_lossy(&read_startup(&mut stream)).into_owned();
+                asked.push(startup.contains("database\0postgres\0"));
+                if asked.len() == 1 {
+                    let reply = error(refusal, "database \"postgres\" does not exist");
+                    stream.write_all(&reply).unwrap();
+                } else {
+                    let mut reply = auth(0, b"");
+                    reply.extend(ready());
+                    stream.write_all(&reply).unwrap();
+                    let _ = stream.read(&mut [0u8; 64]);
+                }
+            }
+            asked
+        });
+        let mut with_name = node(port, SslMode::Disable, None);
+        with_name.login.fallback_database = Some("app".into());
+        assert!(connect(&with_name, soon(2000)).is_ok());
+        assert_eq!(
+            server.join().unwrap(),
+            [true, false],
+            "postgres first, then NAME"
+        );
+
+        // A refused password is not about the database: no second attempt.
+        let (port, _) = serve(|stream| {
+            read_startup(stream);
+            stream
+                .write_all(&error("28P01", "password authentication failed"))
+                .unwrap();
+        });
+        let mut wrong = node(port, SslMode::Disable, Some("x"));
+        wrong.login.fallback_database = Some("app".into());
+        assert!(matches!(connect(&wrong, soon(2000)), Err(Failure::Auth(_))));
     }
 
     #[test]

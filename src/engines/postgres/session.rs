@@ -23,9 +23,26 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// PostgreSQL's SSLRequest: length 8, code 1234.5679.
 pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-/// Connects and logs in, negotiating TLS as libpq does for the server's
-/// `sslmode`.
+/// Connects and logs in to the login's database, negotiating TLS as libpq
+/// does for the server's `sslmode`; to its fallback database if the server
+/// refuses the first one (missing, or not for this user), as Django's own
+/// `_nodb_cursor` falls back from `postgres` to the application's database.
 pub fn log_in(server: &Server, deadline: Instant) -> Result<Connection, Failure> {
+    match log_in_to(server, deadline) {
+        Err(refused) if refused.about_database => match &server.login.fallback_database {
+            Some(fallback) => {
+                let mut second = server.clone();
+                second.login.database.clone_from(fallback);
+                second.login.fallback_database = None;
+                log_in_to(&second, deadline).map_err(|refused| refused.failure)
+            }
+            None => Err(refused.failure),
+        },
+        result => result.map_err(|refused| refused.failure),
+    }
+}
+
+fn log_in_to(server: &Server, deadline: Instant) -> Result<Connection, Refused> {
     match (&server.endpoint, server.tls.mode) {
         // PostgreSQL has no TLS over unix sockets; libpq ignores sslmode there.
         (Endpoint::Unix(_), _) | (_, SslMode::Disable) => start(server, deadline, Encryption::Off),
@@ -49,7 +66,6 @@ pub fn log_in(server: &Server, deadline: Instant) -> Result<Connection, Failure>
             }
         }
     }
-    .map_err(|refused| refused.failure)
 }
 
 /// How one start-up attempt uses TLS, after libpq's sslmode.
@@ -71,6 +87,9 @@ struct Refused {
     /// login (before authentication completes) under `allow`, or under
     /// `prefer` over TLS (`pg_hba.conf` `hostssl`/`hostnossl` lines).
     retry: bool,
+    /// The server refused the database, not the user: it does not exist,
+    /// the user may not connect to it, or `pg_hba.conf` has no line for it.
+    about_database: bool,
 }
 
 impl From<Failure> for Refused {
@@ -78,6 +97,19 @@ impl From<Failure> for Refused {
         Self {
             failure,
             retry: false,
+            about_database: false,
+        }
+    }
+}
+
+impl Refused {
+    /// The server's refusal, an `ErrorResponse` during start-up.
+    fn by_server(fields: ErrorFields<'_>, retry: bool) -> Self {
+        let (code, message) = error_parts(fields);
+        Self {
+            about_database: matches!(code.as_str(), "3D000" | "42501" | "28000"),
+            failure: startup_failure_of(&code, message),
+            retry,
         }
     }
 }
@@ -100,6 +132,7 @@ fn start(
                 b'S' => Transport::start_tls(wire, plan).map_err(|failure| Refused {
                     failure,
                     retry: prefer,
+                    about_database: false,
                 })?,
                 b'N' if prefer => Transport::Plain(wire),
                 b'N' => return Err(Failure::Tls("server does not support TLS".into()).into()),
@@ -267,7 +300,7 @@ impl Connection {
                 ) => {}
                 // For example 3D000 (no such database) or 53300 (too many connections).
                 (_, Message::ErrorResponse(body)) => {
-                    return Err(startup_failure(body.fields()).into())
+                    return Err(Refused::by_server(body.fields(), false))
                 }
                 (tag, _) => return Err(unexpected(tag).into()),
             }
@@ -277,10 +310,7 @@ impl Connection {
     /// Up to `AuthenticationOk`; `Refused::retry` is set for an error
     /// response from the server.
     fn authenticate(&mut self, login: &Login) -> Result<(), Refused> {
-        let refusal = |fields: ErrorFields<'_>| Refused {
-            failure: startup_failure(fields),
-            retry: true,
-        };
+        let refusal = |fields: ErrorFields<'_>| Refused::by_server(fields, true);
         let mut out = BytesMut::new();
         loop {
             out.clear();
@@ -461,7 +491,11 @@ fn error_parts(mut fields: ErrorFields<'_>) -> (String, String) {
 /// which the caller backs off from instead of retrying every round.
 pub fn startup_failure(fields: ErrorFields<'_>) -> Failure {
     let (code, message) = error_parts(fields);
-    if is_auth_code(&code) {
+    startup_failure_of(&code, message)
+}
+
+fn startup_failure_of(code: &str, message: String) -> Failure {
+    if is_auth_code(code) {
         Failure::Auth(message)
     } else {
         Failure::ServerError(format!("{code} {message}"))
