@@ -1,11 +1,12 @@
-"""Tells dbha when a `transaction.atomic()` block opens and closes in a
-thread, so that reads inside one on the writer stay on the writer (a read
-from a standby there could see older data than the transaction writes on).
+"""Tells dbha when a transaction opens and closes in a thread, so that
+reads inside one on the writer stay on the writer (a read from a standby
+there could see older data than the transaction writes on).
 
 Installed by the checker when `DBHA["READS"]` lets reads leave the writer.
-It wraps `Atomic.__enter__` and `__exit__`: the router then knows of an
-open block by a counter of its own, not by asking Django's connection on
-every read."""
+It wraps `Atomic.__enter__` and `__exit__`, and the connections'
+`set_autocommit` (transactions opened by turning autocommit off): the router
+then knows of an open transaction by counters of its own, not by asking
+Django's connection on every read."""
 
 from __future__ import annotations
 
@@ -14,15 +15,27 @@ from types import TracebackType
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.transaction import Atomic
 
 from dbha import _core
 
 
-def track_atomic_blocks() -> None:
-    """Wraps `Atomic` once per process (idempotent)."""
+def track_transactions() -> None:
+    """Wraps `Atomic` and `set_autocommit` once per process (idempotent)."""
     if getattr(Atomic, "_dbha_tracked", False):
         return
+    set_autocommit = BaseDatabaseWrapper.set_autocommit
+
+    @functools.wraps(set_autocommit)
+    def tracked_set_autocommit(
+        self: BaseDatabaseWrapper,
+        autocommit: bool,
+        force_begin_transaction_with_broken_autocommit: bool = False,
+    ) -> None:
+        set_autocommit(self, autocommit, force_begin_transaction_with_broken_autocommit)
+        _core.count_autocommit(self.alias, autocommit)
+
     enter, exit_ = Atomic.__enter__, Atomic.__exit__
 
     @functools.wraps(enter)
@@ -43,6 +56,7 @@ def track_atomic_blocks() -> None:
         finally:
             _core.count_atomic(self.using or DEFAULT_DB_ALIAS, False)
 
+    BaseDatabaseWrapper.set_autocommit = tracked_set_autocommit  # type: ignore[method-assign]
     Atomic.__enter__ = __enter__  # type: ignore[method-assign]
     Atomic.__exit__ = __exit__  # type: ignore[method-assign]
     Atomic._dbha_tracked = True  # type: ignore[attr-defined]

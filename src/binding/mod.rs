@@ -76,6 +76,17 @@ fn report_failure(py: Python<'_>, alias: &str) -> PyResult<()> {
     })
 }
 
+/// The alias writes of `alias`'s group go to now (the last writer while the
+/// group has none); `None` for an alias dbha does not watch.
+#[pyfunction]
+fn group_writer(py: Python<'_>, alias: &str) -> PyResult<Option<Py<PyString>>> {
+    with_runtime(py, |runtime, _| {
+        Ok(runtime
+            .node_index(alias)
+            .map(|node| runtime.alias(py, runtime.group_writer(node))))
+    })
+}
+
 /// Stops the health checker and waits for its threads. The next call starts
 /// a new one.
 #[pyfunction]
@@ -90,6 +101,17 @@ fn count_atomic(py: Python<'_>, alias: &str, entered: bool) -> PyResult<()> {
     // Bookkeeping only: a transaction must not start the checker.
     with_started_runtime(py, |runtime, thread| {
         runtime.count_atomic(thread, alias, entered);
+        Ok(())
+    })
+    .map(drop)
+}
+
+/// This thread turned autocommit on (`True`) or off on its connection to
+/// `alias` (`dbha.transactions`).
+#[pyfunction]
+fn count_autocommit(py: Python<'_>, alias: &str, autocommit: bool) -> PyResult<()> {
+    with_started_runtime(py, |runtime, thread| {
+        runtime.count_autocommit(thread, alias, autocommit);
         Ok(())
     })
     .map(drop)
@@ -128,6 +150,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reset, m)?)?;
     m.add_function(wrap_pyfunction!(count_writer_pin, m)?)?;
     m.add_function(wrap_pyfunction!(count_atomic, m)?)?;
+    m.add_function(wrap_pyfunction!(count_autocommit, m)?)?;
+    m.add_function(wrap_pyfunction!(group_writer, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
     Ok(())
 }

@@ -21,36 +21,49 @@ impl ModelDatabaseRouter {
         Self
     }
 
+    /// The writer of the model's group (`ROUTES`), or of the group of the
+    /// database an `instance` hint was loaded from; no opinion for an
+    /// instance from a database dbha does not manage (Django then keeps it
+    /// where it lives).
     #[pyo3(signature = (model, **hints))]
     fn db_for_write(
         &self,
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
         hints: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<Py<PyString>> {
-        let _ = hints;
+    ) -> PyResult<Option<Py<PyString>>> {
         with_runtime(py, |runtime, thread| {
-            runtime.writer(py, thread, runtime.model_route(py, model)?.group)
+            let group = match instance_group(runtime, hints)? {
+                Instance::Unmanaged => return Ok(None),
+                Instance::In(group) => group,
+                Instance::Unknown => runtime.model_route(py, model)?.group,
+            };
+            runtime.writer(py, thread, group).map(Some)
         })
     }
 
     /// Reads follow writes unless `READS` sends them to fresh standbys; even
     /// then `WRITER_READS` models, `dbha.use_writer()` blocks and open
-    /// transactions on the writer read from the writer.
+    /// transactions on the writer read from the writer. An `instance` hint
+    /// chooses the group as for writes.
     #[pyo3(signature = (model, **hints))]
     fn db_for_read(
         &self,
         py: Python<'_>,
         model: &Bound<'_, PyAny>,
         hints: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<Py<PyString>> {
-        let _ = hints;
+    ) -> PyResult<Option<Py<PyString>>> {
         with_runtime(py, |runtime, thread| {
-            let route = runtime.model_route(py, model)?;
+            let mut route = runtime.model_route(py, model)?;
+            match instance_group(runtime, hints)? {
+                Instance::Unmanaged => return Ok(None),
+                Instance::In(group) => route.group = group,
+                Instance::Unknown => {}
+            }
             if route.writer_reads {
-                runtime.route_writer(py, route.group)
+                runtime.route_writer(py, route.group).map(Some)
             } else {
-                runtime.reader(py, thread, route.group)
+                runtime.reader(py, thread, route.group).map(Some)
             }
         })
     }
@@ -84,16 +97,65 @@ impl ModelDatabaseRouter {
         })
     }
 
-    /// No opinion: migrations run where Django's `migrate --database` says.
+    /// Migrations never apply to a standby or a fenced primary of a group
+    /// (`makemigrations` skips them, and `migrate --database` on one stops
+    /// with the writer's name, see `dbha.migrate`): they apply to the writer
+    /// and replicate. No opinion about other databases.
     #[pyo3(signature = (db, app_label, model_name=None, **hints))]
     fn allow_migrate(
         &self,
-        db: &Bound<'_, PyAny>,
+        py: Python<'_>,
+        db: &str,
         app_label: &Bound<'_, PyAny>,
         model_name: Option<&Bound<'_, PyAny>>,
         hints: Option<&Bound<'_, PyDict>>,
-    ) -> Option<bool> {
-        let _ = (db, app_label, model_name, hints);
-        None
+    ) -> PyResult<Option<bool>> {
+        let _ = (app_label, model_name, hints);
+        with_runtime(py, |runtime, _| {
+            Ok(runtime
+                .node_index(db)
+                .filter(|&node| runtime.refuses_writes(node))
+                .map(|_| false))
+        })
     }
+}
+
+/// Where an `instance` hint says the query belongs.
+enum Instance {
+    /// No instance, or one not saved to any database yet.
+    Unknown,
+    /// Loaded from (or saved to) a member of this group.
+    In(usize),
+    /// From a database dbha does not manage.
+    Unmanaged,
+}
+
+fn instance_group(
+    runtime: &super::runtime::Runtime,
+    hints: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Instance> {
+    let Some(hints) = hints.filter(|h| !h.is_empty()) else {
+        return Ok(Instance::Unknown);
+    };
+    let py = hints.py();
+    let Some(instance) = hints.get_item(pyo3::intern!(py, "instance"))? else {
+        return Ok(Instance::Unknown);
+    };
+    let db = instance
+        .getattr(pyo3::intern!(py, "_state"))
+        .and_then(|state| state.getattr(pyo3::intern!(py, "db")));
+    let Ok(db) = db else {
+        // Not a model instance: no hint.
+        return Ok(Instance::Unknown);
+    };
+    if db.is_none() {
+        return Ok(Instance::Unknown);
+    }
+    let Ok(alias) = db.extract::<&str>() else {
+        return Ok(Instance::Unknown);
+    };
+    Ok(match runtime.node_index(alias) {
+        Some(node) => Instance::In(runtime.config().nodes[node].group),
+        None => Instance::Unmanaged,
+    })
 }

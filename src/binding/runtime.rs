@@ -116,6 +116,9 @@ pub struct ThreadReads {
     /// Per node: `transaction.atomic()` blocks open on it in this thread
     /// (`dbha.transactions`).
     atomic: Box<[Cell<u32>]>,
+    /// Per node: this thread's connection to it has autocommit off, so a
+    /// transaction may be open on it.
+    manual: Box<[Cell<bool>]>,
 }
 
 impl ThreadReads {
@@ -126,6 +129,9 @@ impl ThreadReads {
                 .map(|_| Cell::new(0))
                 .collect(),
             atomic: (0..runtime.aliases.len()).map(|_| Cell::new(0)).collect(),
+            manual: (0..runtime.aliases.len())
+                .map(|_| Cell::new(false))
+                .collect(),
         }
     }
 
@@ -137,8 +143,9 @@ impl ThreadReads {
         if let Some(previous) = previous {
             for (node, depth) in previous.reads.atomic.iter().enumerate() {
                 let alias = &previous.runtime.config().nodes[node].alias;
-                if let (true, Some(now)) = (depth.get() > 0, runtime.node_index(alias)) {
+                if let Some(now) = runtime.node_index(alias) {
                     reads.atomic[now].set(depth.get());
+                    reads.manual[now].set(previous.reads.manual[node].get());
                 }
             }
         }
@@ -172,6 +179,24 @@ impl Runtime {
 
     pub fn node_index(&self, alias: &str) -> Option<usize> {
         self.config().node_index(alias)
+    }
+
+    /// `node`'s alias, as the interned string the hot path hands out.
+    pub fn alias(&self, py: Python<'_>, node: usize) -> Py<PyString> {
+        self.aliases[node].clone_ref(py)
+    }
+
+    /// A standby, or a primary fenced off from writes (an older timeline, a
+    /// split brain): nothing may be written there.
+    pub fn refuses_writes(&self, node: usize) -> bool {
+        let snapshot = self.checker.snapshot();
+        snapshot.fenced[node] || snapshot.nodes[node].role == Some(crate::engines::Role::Standby)
+    }
+
+    /// The node writes of `node`'s group go to now (the last writer while
+    /// the group has none).
+    pub fn group_writer(&self, node: usize) -> usize {
+        self.checker.route(self.config().nodes[node].group).node()
     }
 
     /// The node of a watched `alias`, else a `ValueError` listing them.
@@ -289,7 +314,8 @@ impl Runtime {
     }
 
     /// Reads go to the writer inside `use_writer()` and while this thread has
-    /// a `transaction.atomic()` block open on the writer.
+    /// a transaction open on the writer (`transaction.atomic()`, or
+    /// autocommit turned off).
     fn reads_pinned(&self, py: Python<'_>, thread: &ThreadReads, group: usize) -> PyResult<bool> {
         let Some(pins) = &self.pins else {
             return Ok(false);
@@ -303,7 +329,14 @@ impl Runtime {
             return Ok(true);
         }
         let writer = self.checker.route(group).node();
-        Ok(thread.atomic[writer].get() > 0)
+        Ok(thread.atomic[writer].get() > 0 || thread.manual[writer].get())
+    }
+
+    /// This thread turned autocommit on or off on its connection to `alias`.
+    pub fn count_autocommit(&self, thread: &ThreadReads, alias: &str, autocommit: bool) {
+        if let Some(node) = self.node_index(alias) {
+            thread.manual[node].set(!autocommit);
+        }
     }
 
     /// A `transaction.atomic()` block on `alias` opened (`entered`) or
@@ -459,7 +492,7 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
     .then(|| PyDict::new(py).unbind());
     let pins = if replica_reads {
         py.import("dbha.transactions")?
-            .call_method0("track_atomic_blocks")?;
+            .call_method0("track_transactions")?;
         Some(ReadPins {
             use_writer: py.import("dbha.routing")?.getattr("USE_WRITER")?.unbind(),
         })
