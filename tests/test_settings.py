@@ -126,3 +126,49 @@ def test_settings_are_read_on_first_use_and_after_changes() -> None:
             assert [s.alias for s in dbha.status()] == ["c", "a"]
         assert dbha.available_db() == "a"
         assert len(dbha.status()) == 3
+
+
+SECRET = "s3cret-password"
+
+
+@pytest.mark.parametrize(
+    ("databases", "dbha_settings"),
+    [
+        # A password of the wrong type, quoted in the error.
+        ({"default": pg_settings(PG_PORTS["default"], PASSWORD=(SECRET,))}, None),
+        ({"default": pg_settings(PG_PORTS["default"], PASSWORD=[SECRET, 1])}, None),
+        # DATABASES not a dict.
+        ([{"PASSWORD": SECRET}], None),
+        # Any value under a misspelled key.
+        (None, {"PROBE_CREDENTIAL": {"default": {"USER": "m", "PASSWORD": SECRET}}}),
+        # An error elsewhere, with the password in a credentials entry.
+        (None, {"PROBE_CREDENTIALS": {"nope": {"USER": "m", "PASSWORD": SECRET}}}),
+    ],
+)
+def test_no_settings_error_ever_shows_a_password(databases: Any, dbha_settings: Any) -> None:
+    from django.conf import settings
+
+    with pytest.raises(ImproperlyConfigured) as raised:
+        dbha._core.validate_settings(databases or settings.DATABASES, dbha_settings)
+    assert SECRET not in str(raised.value)
+
+
+def test_other_mappings_are_read_like_dicts() -> None:
+    from types import MappingProxyType
+
+    databases = MappingProxyType({"default": pg_settings(PG_PORTS["default"])})
+    dbha._core.validate_settings(databases, None)
+
+
+def test_an_alias_that_is_not_valid_text_is_refused() -> None:
+    databases = {"de\udc80fault": pg_settings(PG_PORTS["default"])}
+    with pytest.raises(ImproperlyConfigured, match="lone surrogate"):
+        dbha._core.validate_settings(databases, None)
+
+
+def test_a_host_with_a_control_character_is_refused() -> None:
+    databases = {"default": pg_settings(PG_PORTS["default"], HOST="db\x00\nfake log line")}
+    with pytest.raises(ImproperlyConfigured) as raised:
+        dbha._core.validate_settings(databases, None)
+    assert "\n" not in str(raised.value)
+    assert r"'db\x00\nfake log line'" in str(raised.value)

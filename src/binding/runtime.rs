@@ -14,7 +14,8 @@ use pyo3::types::{PyDict, PyString};
 
 use super::log as py_log;
 use super::value::to_value;
-use crate::checker::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
+use crate::checker::config::{Balance, Config, OnAllDown, ReadMode};
+use crate::checker::value::Value;
 use crate::checker::reads::{caught_up_mask, model_route, pick_reader, ModelRoute};
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
 
@@ -526,12 +527,52 @@ fn read_config(py: Python<'_>) -> PyResult<Config> {
 }
 
 pub fn config_from(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyResult<Config> {
-    Config::from_settings(&to_value(databases), &to_value(dbha))
-        .map_err(|e| improperly_configured(&e))
+    if let Some(alias) = super::value::invalid_alias(databases) {
+        return Err(ImproperlyConfigured::new_err(format!(
+            "dbha: DATABASES[{alias}]: an alias must be valid text (this one has a lone \
+             surrogate)"
+        )));
+    }
+    let (databases, dbha) = (to_value(databases), to_value(dbha));
+    Config::from_settings(&databases, &dbha).map_err(|e| {
+        ImproperlyConfigured::new_err(scrub(&format!("dbha: {e}"), &databases, &dbha))
+    })
 }
 
-fn improperly_configured(e: &ConfigError) -> PyErr {
-    ImproperlyConfigured::new_err(format!("dbha: {e}"))
+/// `message` with every password of the settings replaced by `***`,
+/// wherever and of whatever type it was given: whatever path an error takes,
+/// no password reaches it. (Texts shorter than 3 characters are left:
+/// replacing them would garble the message.)
+fn scrub(message: &str, databases: &Value, dbha: &Value) -> String {
+    let mut secrets = Vec::new();
+    passwords(databases, false, &mut secrets);
+    passwords(dbha, false, &mut secrets);
+    secrets.retain(|s| s.chars().count() >= 3);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+        .iter()
+        .fold(message.to_owned(), |text, secret| text.replace(secret.as_str(), "***"))
+}
+
+/// Every text under a `PASSWORD` key (`under` one already), as given and
+/// as quoted.
+fn passwords(value: &Value, under: bool, found: &mut Vec<String>) {
+    match value {
+        Value::Map(entries) => {
+            for (key, value) in entries {
+                passwords(value, under || key.eq_ignore_ascii_case("PASSWORD"), found);
+            }
+        }
+        Value::List(items) => items.iter().for_each(|item| passwords(item, under, found)),
+        Value::None | Value::Bool(_) => {}
+        scalar if under => {
+            found.push(scalar.to_string());
+            if let Value::Str(text) = scalar {
+                found.push(text.clone());
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Runs `wait` detached from the interpreter in short slices until it

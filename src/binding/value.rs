@@ -1,7 +1,7 @@
 //! Converts Django settings (Python objects) into the core's [`Value`].
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyMapping, PyString, PyTuple};
 
 use crate::checker::value::Value;
 
@@ -34,15 +34,21 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
     if let Ok(dict) = obj.cast::<PyDict>() {
         return Value::Map(
             dict.iter()
-                .map(|(key, value)| {
-                    let key = match key.cast::<PyString>() {
-                        Ok(s) => s.to_string_lossy().into_owned(),
-                        Err(_) => repr(&key).to_string(),
-                    };
-                    (key, convert(&value, depth + 1))
-                })
+                .map(|(key, value)| (key_text(&key), convert(&value, depth + 1)))
                 .collect(),
         );
+    }
+    // Other mappings (`MappingProxyType`, a `UserDict`), in their order.
+    if let Ok(mapping) = obj.cast::<PyMapping>() {
+        if let Ok(items) = mapping.items() {
+            return Value::Map(
+                items
+                    .iter()
+                    .filter_map(|item| item.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>().ok())
+                    .map(|(key, value)| (key_text(&key), convert(&value, depth + 1)))
+                    .collect(),
+            );
+        }
     }
     if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         if let Ok(items) = obj.try_iter() {
@@ -55,6 +61,23 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
         }
     }
     repr(obj)
+}
+
+fn key_text(key: &Bound<'_, PyAny>) -> String {
+    match key.cast::<PyString>() {
+        Ok(s) => s.to_string_lossy().into_owned(),
+        Err(_) => repr(key).to_string(),
+    }
+}
+
+/// The first key of `databases` (a mapping) that is not valid text (a lone
+/// surrogate): it cannot be an alias dbha hands back unchanged.
+pub fn invalid_alias(databases: &Bound<'_, PyAny>) -> Option<String> {
+    let keys = databases.cast::<PyMapping>().ok()?.keys().ok()?;
+    keys.iter().find_map(|key| {
+        let text = key.cast::<PyString>().ok()?;
+        text.to_str().is_err().then(|| repr(&key).to_string())
+    })
 }
 
 fn repr(obj: &Bound<'_, PyAny>) -> Value {

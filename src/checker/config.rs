@@ -220,12 +220,13 @@ impl Config {
         let Value::Map(database_entries) = databases else {
             return Err(error(
                 "DATABASES".into(),
-                databases,
+                &redacted(databases),
                 "must be a dict of aliases",
             ));
         };
         let groups = dbha.groups(database_entries)?;
         let probe_kinds = dbha.probe_kinds(database_entries)?;
+        dbha.check_credentials(&groups)?;
 
         let mut nodes = Vec::new();
         let mut group_list = Vec::new();
@@ -242,8 +243,13 @@ impl Config {
                     Engine::Other => ProbeKind::Tcp,
                 });
                 if probe != ProbeKind::Tcp && engine == Engine::Other {
+                    let key = if probe_kinds.per_alias.contains_key(alias.as_str()) {
+                        format!("{}[\"{alias}\"]", dbha_key("PROBE"))
+                    } else {
+                        dbha_key("PROBE")
+                    };
                     return Err(error(
-                        dbha_key("PROBE"),
+                        key,
                         &Value::str(if probe == ProbeKind::Role {
                             "role"
                         } else {
@@ -269,11 +275,20 @@ impl Config {
                     },
                 });
             }
-            if nodes.len() - start > MAX_GROUP_SIZE {
+            let size = nodes.len() - start;
+            if size > MAX_GROUP_SIZE {
+                let key = match dbha.get("GROUPS") {
+                    Some(_) => format!("{}[\"{name}\"]", dbha_key("GROUPS")),
+                    None if dbha.get("DATABASES").is_some() => dbha_key("DATABASES"),
+                    None => "DATABASES".to_owned(),
+                };
                 return Err(error(
-                    dbha_key("GROUPS"),
-                    &Value::str(&name),
-                    format!("a group has at most {MAX_GROUP_SIZE} aliases"),
+                    key,
+                    &Value::Other(format!("{size} aliases")),
+                    format!(
+                        "a group has at most {MAX_GROUP_SIZE} aliases; split them into \
+                         several with DBHA[\"GROUPS\"]"
+                    ),
                 ));
             }
             group_list.push(Group {
@@ -338,11 +353,12 @@ impl<'a> Settings<'a> {
             .iter()
             .find(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
         {
-            return Err(error(
-                dbha_key(key),
-                value,
-                format!("unknown key; known keys are {}", KNOWN_KEYS.join(", ")),
-            ));
+            // Texts redacted: a misspelled PROBE_CREDENTIALS holds passwords.
+            let problem = match closest(key, KNOWN_KEYS) {
+                Some(near) => format!("unknown key; did you mean \"{near}\"?"),
+                None => format!("unknown key; known keys are {}", KNOWN_KEYS.join(", ")),
+            };
+            return Err(error(dbha_key(key), &texts_redacted(value), problem));
         }
         Ok(Self { entries })
     }
@@ -432,7 +448,7 @@ impl<'a> Settings<'a> {
     /// The `PROBE` setting: one kind for every alias, or per alias.
     fn probe_kinds(&self, databases: &[(String, Value)]) -> Result<ProbeKinds<'a>, ConfigError> {
         let key = dbha_key("PROBE");
-        let problem = "must be 'tcp' or 'handshake', or a dict of alias to one of them";
+        let problem = "must be 'role', 'handshake' or 'tcp', or a dict of alias to one of them";
         let parse = |key: &str, value: &Value| {
             match value {
                 Value::Str(name) => ProbeKind::parse(name),
@@ -462,6 +478,36 @@ impl<'a> Settings<'a> {
             Some(value) => kinds.all = Some(parse(&key, value)?),
         }
         Ok(kinds)
+    }
+
+    /// `PROBE_CREDENTIALS` names only watched aliases, and gives each its
+    /// own `PASSWORD`: without one, the application's password would be sent
+    /// as the monitoring user's.
+    fn check_credentials(&self, groups: &[(String, Vec<String>)]) -> Result<(), ConfigError> {
+        let Some(Value::Map(per_alias)) = self.get("PROBE_CREDENTIALS") else {
+            return Ok(());
+        };
+        for (alias, credentials) in per_alias {
+            let key = format!("{}[\"{alias}\"]", dbha_key("PROBE_CREDENTIALS"));
+            if !groups.iter().any(|(_, aliases)| aliases.contains(alias)) {
+                return Err(error(
+                    key,
+                    &redacted(credentials),
+                    "no such alias among those dbha watches",
+                ));
+            }
+            if let Value::Map(fields) = credentials {
+                if !fields.iter().any(|(k, _)| k == "PASSWORD") {
+                    return Err(error(
+                        key,
+                        &redacted(credentials),
+                        "needs its own \"PASSWORD\" (\"\" for none): otherwise the \
+                         alias's own password would be sent as this user's",
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The role probe's login: the alias's own `USER`/`PASSWORD`, unless
@@ -777,9 +823,56 @@ fn redacted(value: &Value) -> Value {
                 })
                 .collect(),
         ),
+        Value::List(items) => Value::List(items.iter().map(redacted).collect()),
         Value::Str(_) | Value::Int(_) | Value::Float(_) | Value::Other(_) => Value::str("***"),
         other => other.clone(),
     }
+}
+
+/// `value` with every text (and unknown object) redacted, numbers kept: for
+/// a value of unknown meaning.
+fn texts_redacted(value: &Value) -> Value {
+    match value {
+        Value::Map(fields) => Value::Map(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), texts_redacted(v)))
+                .collect(),
+        ),
+        Value::List(items) => Value::List(items.iter().map(texts_redacted).collect()),
+        Value::Str(_) | Value::Other(_) => Value::str("***"),
+        other => other.clone(),
+    }
+}
+
+/// The known key nearest `key` (case aside, at most a third of its letters
+/// off), for "did you mean".
+fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let key = key.to_uppercase();
+    known
+        .iter()
+        .map(|k| (edit_distance(&key, k), *k))
+        .filter(|(d, k)| *d <= k.len().max(3) / 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn number(value: &Value) -> Option<f64> {
@@ -961,6 +1054,13 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
             host_key,
             host_value,
             "dbha watches one server per alias; give each server its own alias",
+        ));
+    }
+    if host.chars().any(char::is_control) {
+        return Err(error(
+            host_key,
+            host_value,
+            "must be a host name, IP or socket directory, without control characters",
         ));
     }
 
@@ -1372,6 +1472,120 @@ mod tests {
         let e = Config::from_settings(&oracle, &map(&[("PROBE", Value::str("handshake"))]))
             .unwrap_err();
         assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn no_error_quotes_a_password_whatever_its_type_or_place() {
+        let secret = "hunter2-secret";
+        let with_password = |password: Value| {
+            map(&[(
+                "default",
+                map(&[
+                    ("ENGINE", Value::str("django.db.backends.postgresql")),
+                    ("PASSWORD", password),
+                ]),
+            )])
+        };
+        let leaks = [
+            Config::from_settings(
+                &with_password(Value::List(vec![Value::str(secret)])),
+                &Value::None,
+            ),
+            Config::from_settings(
+                &Value::List(vec![with_password(Value::str(secret))]),
+                &Value::None,
+            ),
+            Config::from_settings(
+                &Value::Other(format!(
+                    "mappingproxy({{'default': {{'PASSWORD': '{secret}'}}}})"
+                )),
+                &Value::None,
+            ),
+            config(&map(&[(
+                "PROBE_CREDENTIAL",
+                map(&[(
+                    "default",
+                    map(&[("USER", Value::str("m")), ("PASSWORD", Value::str(secret))]),
+                )]),
+            )])),
+        ];
+        for result in leaks {
+            let e = result.unwrap_err();
+            assert!(!e.to_string().contains(secret), "{e}");
+        }
+    }
+
+    #[test]
+    fn misspelled_keys_get_a_suggestion() {
+        let e = config(&map(&[("PROBE_CREDENTIAL", map(&[]))])).unwrap_err();
+        assert_eq!(
+            e.problem,
+            "unknown key; did you mean \"PROBE_CREDENTIALS\"?"
+        );
+        let e = config(&map(&[("check_interval", Value::Int(1))])).unwrap_err();
+        assert_eq!(e.problem, "unknown key; did you mean \"CHECK_INTERVAL\"?");
+        let e = config(&map(&[("COLOUR", Value::Int(1))])).unwrap_err();
+        assert!(e.problem.starts_with("unknown key; known keys are"), "{e}");
+    }
+
+    #[test]
+    fn monitoring_credentials_name_watched_aliases_and_their_own_password() {
+        let credentials = |alias: &str, fields: &[(&str, Value)]| {
+            config(&map(&[("PROBE_CREDENTIALS", map(&[(alias, map(fields))]))]))
+        };
+        let e = credentials(
+            "nope",
+            &[("USER", Value::str("m")), ("PASSWORD", Value::str("p"))],
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "DBHA[\"PROBE_CREDENTIALS\"][\"nope\"]");
+        assert!(e.problem.contains("no such alias"));
+        let e = credentials("default", &[("USER", Value::str("m"))]).unwrap_err();
+        assert!(e.problem.contains("PASSWORD"), "{e}");
+        assert!(!e.to_string().contains("hunter2"));
+        let c = credentials(
+            "default",
+            &[("USER", Value::str("m")), ("PASSWORD", Value::str(""))],
+        )
+        .unwrap();
+        assert_eq!(c.nodes[0].server.login.user, "m");
+        assert_eq!(c.nodes[0].server.login.password, None);
+    }
+
+    #[test]
+    fn errors_name_the_exact_key() {
+        let other = map(&[(
+            "o",
+            map(&[("ENGINE", Value::str("oracle")), ("PORT", Value::Int(1521))]),
+        )]);
+        let e = Config::from_settings(
+            &other,
+            &map(&[("PROBE", map(&[("o", Value::str("role"))]))]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "DBHA[\"PROBE\"][\"o\"]");
+        let e = config(&map(&[("PROBE", Value::str("ping"))])).unwrap_err();
+        assert!(e.problem.contains("'role'"), "{e}");
+        let many = Value::Map(
+            (0..65)
+                .map(|i| (format!("db{i}"), pg("10.0.0.1", 5432)))
+                .collect(),
+        );
+        let e = Config::from_settings(&many, &Value::None).unwrap_err();
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("DATABASES", "65 aliases")
+        );
+        let nul = map(&[(
+            "default",
+            map(&[
+                ("ENGINE", Value::str("django.db.backends.postgresql")),
+                ("HOST", Value::str("db\0evil\nline")),
+            ]),
+        )]);
+        let e = Config::from_settings(&nul, &Value::None).unwrap_err();
+        assert_eq!(e.key, "DATABASES[\"default\"][\"HOST\"]");
+        assert!(!e.to_string().contains('\n'), "quoted escaped, one line");
     }
 
     #[test]

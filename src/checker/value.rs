@@ -96,17 +96,44 @@ fn python_float(x: f64) -> String {
     format!("{mantissa}e{sign}{magnitude:0>2}")
 }
 
+/// A string as Python's `repr()` writes it: single quotes unless it holds
+/// a single quote and no double one, and unprintable characters escaped
+/// (`\n`, `\x90`, `\u2028`).
 fn write_quoted(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
-    f.write_str("'")?;
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    write!(f, "{quote}")?;
     for c in s.chars() {
         match c {
-            '\'' => f.write_str("\\'")?,
             '\\' => f.write_str("\\\\")?,
-            c if c.is_control() => write!(f, "{}", c.escape_default())?,
+            '\n' => f.write_str("\\n")?,
+            '\r' => f.write_str("\\r")?,
+            '\t' => f.write_str("\\t")?,
+            c if c == quote => write!(f, "\\{c}")?,
+            c if !is_printable(c) => match u32::from(c) {
+                n if n < 0x100 => write!(f, "\\x{n:02x}")?,
+                n if n < 0x1_0000 => write!(f, "\\u{n:04x}")?,
+                n => write!(f, "\\U{n:08x}")?,
+            },
             c => write!(f, "{c}")?,
         }
     }
-    f.write_str("'")
+    write!(f, "{quote}")
+}
+
+/// Python's `str.isprintable()`, close enough for messages: control and
+/// format characters and the separators other than the space are not.
+fn is_printable(c: char) -> bool {
+    !(c.is_control()
+        || matches!(
+            c,
+            '\u{a0}' | '\u{ad}' | '\u{2028}' | '\u{2029}' | '\u{feff}'
+        )
+        || ('\u{2000}'..='\u{200f}').contains(&c)
+        || ('\u{2060}'..='\u{2064}').contains(&c))
 }
 
 #[cfg(test)]
@@ -126,8 +153,22 @@ mod tests {
         ]);
         assert_eq!(
             value.to_string(),
-            r"{'A': ['x\'y', 3], 'B': 1.0, 'C': True, 'D': None}"
+            r#"{'A': ["x'y", 3], 'B': 1.0, 'C': True, 'D': None}"#
         );
+    }
+
+    #[test]
+    fn strings_as_python_writes_them() {
+        for (text, repr) in [
+            ("plain", "'plain'"),
+            ("it's", r#""it's""#),
+            (r#"'"both"'"#, r#"'\'"both"\''"#),
+            ("a\nb\tc\\", r"'a\nb\tc\\'"),
+            ("\u{90}\u{0}", r"'\x90\x00'"),
+            ("\u{2028}é", r"'\u2028é'"),
+        ] {
+            assert_eq!(Value::str(text).to_string(), repr, "{text:?}");
+        }
     }
 
     #[test]
