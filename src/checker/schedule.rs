@@ -1920,7 +1920,7 @@ mod tests {
         let dbha = [
             ("CHECK_INTERVAL", Value::Float(0.05)),
             ("CONNECT_TIMEOUT", Value::Float(0.3)),
-            ("FALL", Value::Int(10)),
+            ("FALL", Value::Int(1000)),
         ];
         let checker = start(&["a", "b"], &dbha, &script);
         // A report alone (a's probes pass) marks nothing.
@@ -1936,12 +1936,16 @@ mod tests {
             );
             thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(writer(&checker), Route::Healthy(0), "suspect, FALL is 10");
-        // The application's failure report agrees: down now, and fail fast,
-        // already for the request right after the report.
+        assert_eq!(writer(&checker), Route::Healthy(0), "suspect, FALL is 1000");
+        // The application's failure report agrees: down now, and fail fast
+        // (report_failure waits up to 50 ms for that; a loaded test machine
+        // may take longer).
         checker.report_failure(0);
-        assert_eq!(checker.route(0), Route::Failing(0));
-        assert!(checker.snapshot().nodes[0].failures < 10);
+        while writer(&checker) != Route::Failing(0) {
+            assert!(started.elapsed() < Duration::from_secs(2), "not confirmed");
+            thread::sleep(Duration::from_millis(2));
+        }
+        assert!(checker.snapshot().nodes[0].failures < 1000);
         // It answers again: back to normal.
         script.set("a", Answer::Primary);
         while writer(&checker) != Route::Healthy(0) {
