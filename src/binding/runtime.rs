@@ -15,8 +15,8 @@ use pyo3::types::{PyDict, PyString};
 use super::log as py_log;
 use super::value::to_value;
 use crate::checker::config::{Balance, Config, OnAllDown, ReadMode};
-use crate::checker::value::Value;
 use crate::checker::reads::{caught_up_mask, model_route, pick_reader, ModelRoute};
+use crate::checker::value::Value;
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
 
 pyo3::import_exception!(django.core.exceptions, ImproperlyConfigured);
@@ -534,9 +534,8 @@ pub fn config_from(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyR
         )));
     }
     let (databases, dbha) = (to_value(databases), to_value(dbha));
-    Config::from_settings(&databases, &dbha).map_err(|e| {
-        ImproperlyConfigured::new_err(scrub(&format!("dbha: {e}"), &databases, &dbha))
-    })
+    Config::from_settings(&databases, &dbha)
+        .map_err(|e| ImproperlyConfigured::new_err(scrub(&format!("dbha: {e}"), &databases, &dbha)))
 }
 
 /// `message` with every password of the settings replaced by `***`,
@@ -549,9 +548,9 @@ fn scrub(message: &str, databases: &Value, dbha: &Value) -> String {
     passwords(dbha, false, &mut secrets);
     secrets.retain(|s| s.chars().count() >= 3);
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    secrets
-        .iter()
-        .fold(message.to_owned(), |text, secret| text.replace(secret.as_str(), "***"))
+    secrets.iter().fold(message.to_owned(), |text, secret| {
+        text.replace(secret.as_str(), "***")
+    })
 }
 
 /// Every text under a `PASSWORD` key (`under` one already), as given and
