@@ -300,9 +300,12 @@ def test_threads_read_consistent_answers_while_states_flip(cluster: Cluster) -> 
     dbha.available_db()
 
     def reader() -> None:
+        # Until the flips are over (bounded in time and count): a count
+        # alone may run out before the first flip on a fast machine.
+        deadline = time.monotonic() + 120
         try:
-            for _ in range(2_000_000):
-                if stop.is_set():
+            for _ in range(500_000_000):
+                if stop.is_set() or time.monotonic() > deadline:
                     return
                 seen.add(dbha.available_db())
         except BaseException as e:

@@ -52,8 +52,9 @@ def test_kill_and_promotion_of_failover2(cluster: Cluster) -> None:
     on_failover2 = names_on(cluster, "failover2")
     assert writer.by("failover2") <= on_failover2
     # failover1 holds only what it replicated from the old primary (possibly
-    # a commit or two that failover2 had not received when it was killed).
-    assert names_on(cluster, "failover1") <= writer.by("default")
+    # a commit or two that failover2 had not received when it was killed, or
+    # one committed just before the kill whose answer never arrived).
+    assert names_on(cluster, "failover1") <= writer.by("default") | writer.unacknowledged
     # Writes the killed primary acknowledged but never shipped are lost to
     # asynchronous replication, not to routing: only its last moments.
     lost = writer.by("default") - on_failover2

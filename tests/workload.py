@@ -37,6 +37,9 @@ class Writer:
         self.report_failures = report_failures
         self.acked: dict[str, str] = {}  # write name -> alias that committed it
         self.acked_at: dict[str, float] = {}
+        #: Writes that raised: a commit whose answer was lost may still be
+        #: on a server (and on the standbys that replayed it).
+        self.unacknowledged: set[str] = set()
         self.failed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
@@ -52,6 +55,7 @@ class Writer:
                 self.acked_at[name] = time.monotonic()
             except Exception:
                 self.failed += 1
+                self.unacknowledged.add(name)
                 if self.report_failures:
                     dbha.report_failure("default")  # any alias of the group
             finally:
