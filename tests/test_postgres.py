@@ -277,7 +277,9 @@ def test_status_records_convert_to_dicts_without_secrets(cluster: Cluster) -> No
     assert set(records[0]) == {
         "alias",
         "group",
+        "endpoint",
         "state",
+        "since",
         "role",
         "latency",
         "lag",
@@ -287,8 +289,12 @@ def test_status_records_convert_to_dicts_without_secrets(cluster: Cluster) -> No
         "successes",
         "failures",
         "is_writer",
+        "is_reader",
         "split_brain",
+        "probe_errors",
+        "reports",
     }
+    assert records[0]["endpoint"] == f"127.0.0.1:{PG_PORTS['default']}"
     assert "s3cret-password" not in repr(records)
 
 

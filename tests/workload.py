@@ -20,7 +20,11 @@ def status(alias: str) -> dbha.NodeStatus:
 
 
 def writer_is(alias: str) -> bool:
-    return dbha.available_db() == alias
+    try:
+        return dbha.available_db() == alias
+    except dbha.NoHealthyDatabase:
+        # The writer is down and reported failing: not yet `alias`.
+        return False
 
 
 def names_on(cluster: Cluster, alias: str) -> set[str]:

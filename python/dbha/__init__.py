@@ -7,7 +7,10 @@ server without ever waiting on a probe.
 
 import atexit
 
-from dbha import signals as _signals  # noqa: F401  (resets on settings changes)
+# Imported for the Django signals they connect to: settings changes reset
+# the checker, and `migrate` keeps off standbys.
+from dbha import conf as _conf  # noqa: F401
+from dbha import migrate as _migrate  # noqa: F401
 from dbha._core import (
     ModelDatabaseRouter,
     __version__,
@@ -18,13 +21,14 @@ from dbha._core import (
 )
 from dbha.exceptions import NoHealthyDatabase
 from dbha.routing import use_writer
-from dbha.status import NodeStatus, check_now, status
+from dbha.status import GroupStatus, NodeStatus, check_now, group_status, status
 
 # Stop the threads before the interpreter finalises: the log thread must not
 # try to enter an interpreter that is shutting down.
 atexit.register(close)
 
 __all__ = [
+    "GroupStatus",
     "ModelDatabaseRouter",
     "NoHealthyDatabase",
     "NodeStatus",
@@ -32,6 +36,7 @@ __all__ = [
     "available_db",
     "check_now",
     "close",
+    "group_status",
     "read_db",
     "report_failure",
     "status",

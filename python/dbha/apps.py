@@ -1,4 +1,5 @@
-"""The optional Django app: add "dbha" to INSTALLED_APPS for system checks."""
+"""The optional Django app: add "dbha" to INSTALLED_APPS for system checks,
+the `manage.py dbha` command and the metrics."""
 
 from django.apps import AppConfig
 from django.core import checks
@@ -9,6 +10,8 @@ class DbhaConfig(AppConfig):
     verbose_name = "Database high availability"
 
     def ready(self) -> None:
-        from dbha.checks import check_settings
+        from dbha import checks as dbha_checks
 
-        checks.register(check_settings)
+        checks.register(dbha_checks.check_settings)
+        checks.register(dbha_checks.check_router)
+        checks.register(dbha_checks.check_connections)

@@ -1,11 +1,57 @@
-"""Reads dbha's settings from Django: lazily, on first use, never at import
-time (the checker calls `read_settings()` when it starts)."""
+"""dbha's settings as Django holds them: read lazily, on first use, never at
+import time (the checker calls `read_settings()` when it starts), and read
+again when `override_settings` changes `DATABASES` or `DBHA`."""
 
+from __future__ import annotations
+
+from collections.abc import Mapping
 from typing import Any
 
+from django.core.signals import setting_changed
 
-def read_settings() -> tuple[Any, Any]:
-    """`settings.DATABASES` and `settings.DBHA` (None when unset)."""
+from dbha import _core
+
+WATCHED_SETTINGS = frozenset({"DATABASES", "DBHA"})
+
+
+def read_settings() -> tuple[Any, Any, dict[str, str]]:
+    """`settings.DATABASES`, `settings.DBHA` (None when unset) and the
+    backends' vendors."""
     from django.conf import settings
 
-    return settings.DATABASES, getattr(settings, "DBHA", None)
+    databases = settings.DATABASES
+    return databases, getattr(settings, "DBHA", None), vendors(databases)
+
+
+def vendors(databases: Any) -> dict[str, str]:
+    """Each alias's backend `vendor` (`"postgresql"`, `"mysql"`...), as the
+    backend class says: PostGIS, connection-pool and metrics wrappers are
+    then probed as what they speak to. A backend that cannot be loaded is
+    left out; dbha then goes by its `ENGINE` name."""
+    from django.db.utils import load_backend
+
+    found: dict[str, str] = {}
+    if not isinstance(databases, Mapping):
+        return found
+    for alias, entry in databases.items():
+        engine = entry.get("ENGINE") if isinstance(entry, Mapping) else None
+        if not isinstance(alias, str) or not isinstance(engine, str) or not engine:
+            continue
+        try:
+            vendor = load_backend(engine).DatabaseWrapper.vendor
+        except Exception:
+            # Django raises its own error when the alias is used.
+            continue
+        if isinstance(vendor, str):
+            found[alias] = vendor
+    return found
+
+
+def reset_on_change(*, setting: str, **kwargs: Any) -> None:
+    if setting in WATCHED_SETTINGS:
+        _core.reset()
+
+
+# Connected when dbha is imported, not in `AppConfig.ready()`: the router
+# works without "dbha" in INSTALLED_APPS, and so must this.
+setting_changed.connect(reset_on_change, dispatch_uid="dbha.reset_on_change")

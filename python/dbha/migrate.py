@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError
+from django.db.models.signals import pre_migrate
 
 from dbha import _core
 
@@ -24,3 +25,7 @@ def refuse_non_writer(*, using: str, **kwargs: Any) -> None:
         f"{record.group!r}, now {writer!r}, and replication carries them to "
         f"{using!r}. Run: migrate --database {writer}"
     )
+
+
+# Connected when dbha is imported (see `dbha.conf`).
+pre_migrate.connect(refuse_non_writer, dispatch_uid="dbha.refuse_non_writer")

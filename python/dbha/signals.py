@@ -1,27 +1,50 @@
-"""The Django signals dbha listens to: `setting_changed` restarts the
-checker from fresh settings when `DATABASES` or `DBHA` change
-(`override_settings` in tests); `pre_migrate` stops a migration aimed at a
-standby (`dbha.migrate`).
+"""dbha's own signals, sent by the `dbha-events` thread (never by the
+checker, never while it holds a lock) when the checker sees a change; a
+process's first findings are logged, not signalled. Each is sent with
+`sender=dbha.ModelDatabaseRouter`; a receiver that raises is logged by
+Django (`django.dispatch`) and never propagated, and a slow one delays only
+later signals, never routing.
 
-Connected when `dbha` is imported, not in `AppConfig.ready()`: the router
-works without "dbha" in `INSTALLED_APPS`, and so must this.
+- `writer_changed(group, old, new)`: writes of `group` go to `new` from now
+  on; `old` was the writer before (`new` itself when writes resume after a
+  time without a writer).
+- `node_down(group, alias, reason)` and `node_up(group, alias)`.
+- `split_brain(group, aliases, writer)`: the primaries in `aliases` take no
+  writes while `writer` does: every write they take is lost.
+- `no_writer(group)`: no node of the group takes writes (`ON_ALL_DOWN`).
 """
+
+from __future__ import annotations
 
 from typing import Any
 
-from django.core.signals import setting_changed
-from django.db.models.signals import pre_migrate
+from django.dispatch import Signal
 
-from dbha import _core
-from dbha.migrate import refuse_non_writer
+writer_changed = Signal()
+node_down = Signal()
+node_up = Signal()
+split_brain = Signal()
+no_writer = Signal()
 
-WATCHED_SETTINGS = frozenset({"DATABASES", "DBHA"})
+#: Event kind to the signal and the fields it is sent with.
+SIGNALS: dict[str, tuple[Signal, tuple[str, ...]]] = {
+    "writer_changed": (writer_changed, ("group", "old", "new")),
+    "node_down": (node_down, ("group", "alias", "reason")),
+    "node_up": (node_up, ("group", "alias")),
+    "split_brain": (split_brain, ("group", "aliases", "new")),
+    "no_writer": (no_writer, ("group",)),
+}
 
 
-def reset_on_change(*, setting: str, **kwargs: Any) -> None:
-    if setting in WATCHED_SETTINGS:
-        _core.reset()
+def send(kind: str, fields: dict[str, Any]) -> None:
+    """Sends the signal for a checker event (`dbha.events`)."""
+    from dbha import ModelDatabaseRouter
 
-
-setting_changed.connect(reset_on_change, dispatch_uid="dbha.reset_on_change")
-pre_migrate.connect(refuse_non_writer, dispatch_uid="dbha.refuse_non_writer")
+    entry = SIGNALS.get(kind)
+    if entry is None:
+        return
+    signal, names = entry
+    arguments = {name: fields.get(name) for name in names}
+    if kind == "split_brain":
+        arguments["writer"] = arguments.pop("new")
+    signal.send_robust(sender=ModelDatabaseRouter, **arguments)

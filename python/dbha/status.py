@@ -1,4 +1,5 @@
-"""Per-alias health as Python records: `status()` and `check_now()`."""
+"""What the checker knows, as Python records: `status()` per alias,
+`group_status()` per group, and `check_now()`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ from typing import Any
 from dbha import _core
 
 
+def _time(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, timezone.utc)
+
+
 @dataclass(frozen=True)
 class NodeStatus:
     """What the checker knows of one alias. Never holds credentials."""
 
     alias: str
     group: str
+    #: `host:port`, or the unix socket's path: never a user or password.
+    endpoint: str
     #: "unknown" (not probed yet), "up" or "down".
     state: str
+    #: When `state` last changed (None: not yet decided).
+    since: datetime | None
     #: "primary", "standby" or "unknown" (not probed with `role`, or never
     #: reached); the last role seen, kept while the node is down.
     role: str
@@ -40,13 +49,50 @@ class NodeStatus:
     failures: int
     #: Whether writes of the group go here now.
     is_writer: bool
+    #: Whether reads of the group may go here now.
+    is_reader: bool
     #: A primary kept out of writes, until it reports standby: a promotion
     #: abandoned it (an older timeline), or another primary of its group on
     #: the same timeline takes the writes (split brain).
     split_brain: bool
+    #: Failed probes since the process started, by kind: "timeout",
+    #: "refused", "auth"... (kinds never seen are left out).
+    probe_errors: dict[str, int]
+    #: Failures the application reported for it (`report_failure()`, the
+    #: dbha database backends) since the process started.
+    reports: int
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """Where one group's writes and reads go."""
+
+    name: str
+    #: Its aliases, in priority order.
+    aliases: list[str]
+    #: Where writes go; None while no node takes them.
+    writer: str | None
+    #: What `available_db()` answers while there is no writer (with
+    #: `ON_ALL_DOWN="last"`): the last writer, or the first alias.
+    last_writer: str | None
+    #: "healthy"; "no_writer"; or "failing": no writer, and the application
+    #: reported the last one failing, so requests fail at once.
+    route: str
+    #: Where reads go now (empty: to the writer).
+    readers: list[str]
+    #: How often writes moved to another node since the process started.
+    writer_changes: int
+    nodes: list[NodeStatus]
+
+    @property
+    def healthy(self) -> bool:
+        return self.route == "healthy"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "healthy": self.healthy}
 
 
 def status(group: str | None = None) -> list[NodeStatus]:
@@ -55,21 +101,42 @@ def status(group: str | None = None) -> list[NodeStatus]:
         NodeStatus(
             alias=record.alias,
             group=record.group,
+            endpoint=record.endpoint,
             state=record.state,
+            since=_time(record.since),
             role=record.role,
             latency=record.latency,
             lag=record.lag,
             timeline=record.timeline,
             last_error=record.last_error,
-            checked_at=None
-            if record.checked_at is None
-            else datetime.fromtimestamp(record.checked_at, timezone.utc),
+            checked_at=_time(record.checked_at),
             successes=record.successes,
             failures=record.failures,
             is_writer=record.is_writer,
+            is_reader=record.is_reader,
             split_brain=record.split_brain,
+            probe_errors=dict(record.probe_errors),
+            reports=record.reports,
         )
         for record in _core.status(group)
+    ]
+
+
+def group_status(group: str | None = None) -> list[GroupStatus]:
+    """One record per group (or for `group`), with its nodes' status."""
+    nodes = status(group)
+    return [
+        GroupStatus(
+            name=record.name,
+            aliases=list(record.aliases),
+            writer=record.writer,
+            last_writer=record.last_writer,
+            route=record.route,
+            readers=list(record.readers),
+            writer_changes=record.writer_changes,
+            nodes=[node for node in nodes if node.group == record.name],
+        )
+        for record in _core.group_status(group)
     ]
 
 

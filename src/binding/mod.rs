@@ -2,16 +2,22 @@
 //! module, the per-process runtime, the router, logging and settings
 //! conversion.
 
-mod log;
+mod events;
 mod record;
 mod router;
 mod runtime;
 mod value;
 
-use pyo3::prelude::*;
-use pyo3::types::PyString;
+use std::time::Duration;
 
-use record::NodeRecord;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use crate::engines::{Observation, Role};
+use crate::net::Failure;
+use events::EventQueue;
+use record::{GroupRecord, NodeRecord};
 use runtime::{wait_detached, with_runtime, with_started_runtime};
 
 /// The alias to write to in `group` (default: the first group).
@@ -44,7 +50,19 @@ fn status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<NodeRecord>> {
         let group = group
             .map(|name| runtime.group_index(Some(name)))
             .transpose()?;
-        Ok(record::records(runtime, group))
+        Ok(record::nodes(runtime, group))
+    })
+}
+
+/// Routing of every group (or of `group`).
+#[pyfunction]
+#[pyo3(signature = (group=None))]
+fn group_status(py: Python<'_>, group: Option<&str>) -> PyResult<Vec<GroupRecord>> {
+    with_runtime(py, |runtime, _| {
+        let group = group
+            .map(|name| runtime.group_index(Some(name)))
+            .transpose()?;
+        Ok(record::groups(runtime, group))
     })
 }
 
@@ -129,10 +147,106 @@ fn reset(py: Python<'_>) {
     runtime::reset(py, false);
 }
 
-/// Raises `ImproperlyConfigured` if these settings cannot be used.
+/// What is wrong with these settings: `(check id, message)` for the first
+/// error and every warning; empty when all is well.
 #[pyfunction]
-fn validate_settings(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyResult<()> {
-    runtime::config_from(databases, dbha).map(drop)
+#[pyo3(signature = (databases, dbha, vendors=None))]
+fn validate_settings(
+    databases: &Bound<'_, PyAny>,
+    dbha: &Bound<'_, PyAny>,
+    vendors: Option<&Bound<'_, PyAny>>,
+) -> Vec<(&'static str, String)> {
+    let none = databases.py().None().into_bound(databases.py());
+    runtime::problems(databases, dbha, vendors.unwrap_or(&none))
+}
+
+/// The aliases these settings watch (none if they are invalid): without
+/// starting a checker.
+#[pyfunction]
+#[pyo3(signature = (databases, dbha, vendors=None))]
+fn watched_aliases(
+    databases: &Bound<'_, PyAny>,
+    dbha: &Bound<'_, PyAny>,
+    vendors: Option<&Bound<'_, PyAny>>,
+) -> Vec<String> {
+    let none = databases.py().None().into_bound(databases.py());
+    runtime::watched_aliases(databases, dbha, vendors.unwrap_or(&none))
+}
+
+/// Scripts what every probe of `alias` finds (`dbha.testing`), until
+/// called again with `state=None`: `"up"` (with `role`, `lag`, `timeline`),
+/// or a failure: `"refused"`, `"timeout"`, `"closed"`.
+#[pyfunction]
+#[pyo3(signature = (alias, state, role=None, lag=None, timeline=None))]
+fn simulate(
+    alias: &str,
+    state: Option<&str>,
+    role: Option<&str>,
+    lag: Option<f64>,
+    timeline: Option<u64>,
+) -> PyResult<()> {
+    let answer = match state {
+        None => None,
+        Some("up") => Some(Ok(Observation {
+            role: match role {
+                None => None,
+                Some("primary") => Some(Role::Primary),
+                Some("standby") => Some(Role::Standby),
+                Some(other) => {
+                    return Err(PyValueError::new_err(format!(
+                        "role must be 'primary', 'standby' or None, not {other:?}"
+                    )))
+                }
+            },
+            lag: lag
+                .map(|lag| {
+                    Duration::try_from_secs_f64(lag)
+                        .map_err(|e| PyValueError::new_err(e.to_string()))
+                })
+                .transpose()?,
+            timeline,
+            position: None,
+        })),
+        Some("refused") => Some(Err(Failure::Refused)),
+        Some("timeout") => Some(Err(Failure::Timeout)),
+        Some("closed") => Some(Err(Failure::Closed)),
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "state must be 'up', 'refused', 'timeout', 'closed' or None, not {other:?}"
+            )))
+        }
+    };
+    runtime::SCRIPT.set(alias, answer.as_ref());
+    Ok(())
+}
+
+/// Every alias is probed for real again (`dbha.testing`).
+#[pyfunction]
+fn clear_simulation() {
+    runtime::SCRIPT.clear();
+}
+
+/// The core logs at Python's `level` for the `dbha` logger and above.
+#[pyfunction]
+fn follow_log_level(level: i64) {
+    events::follow_level(level);
+}
+
+/// A request begins in this thread (`dbha.middleware`): its writes are
+/// noted, and reads of each group in `pins` (group name to a time in ms
+/// since the epoch) go only to nodes that have replayed up to that time.
+#[pyfunction]
+fn begin_request(py: Python<'_>, pins: &Bound<'_, PyDict>) -> PyResult<()> {
+    with_runtime(py, |runtime, thread| runtime.begin_request(thread, pins))
+}
+
+/// The request in this thread ends: the names of the groups it wrote to.
+#[pyfunction]
+fn end_request(py: Python<'_>) -> PyResult<Vec<String>> {
+    Ok(
+        with_started_runtime(py, |runtime, thread| Ok(runtime.end_request(thread)))?
+            .unwrap_or_default(),
+    )
 }
 
 #[pymodule(gil_used = true)]
@@ -141,6 +255,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<router::ModelDatabaseRouter>()?;
     m.add_class::<NodeRecord>()?;
+    m.add_class::<GroupRecord>()?;
+    m.add_class::<EventQueue>()?;
     m.add_function(wrap_pyfunction!(available_db, m)?)?;
     m.add_function(wrap_pyfunction!(read_db, m)?)?;
     m.add_function(wrap_pyfunction!(status, m)?)?;
@@ -153,5 +269,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(count_autocommit, m)?)?;
     m.add_function(wrap_pyfunction!(group_writer, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(group_status, m)?)?;
+    m.add_function(wrap_pyfunction!(watched_aliases, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate, m)?)?;
+    m.add_function(wrap_pyfunction!(clear_simulation, m)?)?;
+    m.add_function(wrap_pyfunction!(follow_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(begin_request, m)?)?;
+    m.add_function(wrap_pyfunction!(end_request, m)?)?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, LazyLock, Once};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -12,10 +12,11 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use super::log as py_log;
+use super::events::{self as py_events, Queue};
 use super::value::to_value;
-use crate::checker::config::{Balance, Config, OnAllDown, ReadMode};
+use crate::checker::config::{Balance, Config, ConfigError, OnAllDown, ReadMode};
 use crate::checker::reads::{caught_up_mask, model_route, pick_reader, ModelRoute};
+use crate::checker::script::{Script, ScriptedProber};
 use crate::checker::value::Value;
 use crate::checker::{Checker, NetworkProber, Route, Snapshot};
 
@@ -32,6 +33,9 @@ static RUNTIME: ArcSwapOption<Runtime> = ArcSwapOption::const_empty();
 /// Bumped whenever `RUNTIME` changes or the process forks: it tells each
 /// thread's cached runtime (below) whether it is still the current one.
 static EPOCH: AtomicU64 = AtomicU64::new(1);
+/// Scripted answers (`dbha.testing`), by alias: they outlive a runtime, so
+/// that a test's script holds across `override_settings`.
+pub static SCRIPT: LazyLock<Arc<Script>> = LazyLock::new(Arc::default);
 
 thread_local! {
     /// This thread's copy of the current runtime, the epoch it was read at,
@@ -87,8 +91,10 @@ pub struct Runtime {
     pins: Option<ReadPins>,
     /// Reads may go to standbys and must then see this thread's writes.
     tracks_writes: bool,
-    /// Hands its log records to Python.
-    log: Option<py_log::LogThread>,
+    /// Hands its events and log records to Python ...
+    events: Arc<Queue>,
+    /// ... where this `threading.Thread` takes them (`dbha.events`).
+    events_thread: Option<Py<PyAny>>,
     /// Set once the first probe round is in (or its wait timed out).
     informed: AtomicBool,
 }
@@ -120,6 +126,21 @@ pub struct ThreadReads {
     /// Per node: this thread's connection to it has autocommit off, so a
     /// transaction may be open on it.
     manual: Box<[Cell<bool>]>,
+    /// A request handled by `dbha.middleware.PinningMiddleware` runs in
+    /// this thread: its writes are noted (see `request_writes`), and its
+    /// reads after a write go only where the write is.
+    in_request: Cell<bool>,
+    /// The groups this request wrote to, one bit each (groups past the
+    /// 63rd share the last bit).
+    request_writes: Cell<u64>,
+    /// Per group: this request's client wrote at this time (ms since the
+    /// epoch; 0: no pin), so its reads go only to nodes replayed past it.
+    pinned_through: Box<[Cell<u64>]>,
+}
+
+/// A group's bit in `ThreadReads::request_writes`.
+fn group_bit(group: usize) -> u64 {
+    1 << group.min(63)
 }
 
 impl ThreadReads {
@@ -132,6 +153,11 @@ impl ThreadReads {
             atomic: (0..runtime.aliases.len()).map(|_| Cell::new(0)).collect(),
             manual: (0..runtime.aliases.len())
                 .map(|_| Cell::new(false))
+                .collect(),
+            in_request: Cell::new(false),
+            request_writes: Cell::new(0),
+            pinned_through: (0..runtime.config().groups.len())
+                .map(|_| Cell::new(0))
                 .collect(),
         }
     }
@@ -247,10 +273,49 @@ impl Runtime {
         thread: &ThreadReads,
         group: usize,
     ) -> PyResult<Py<PyString>> {
-        if self.tracks_writes {
+        if self.tracks_writes || thread.in_request.get() {
             thread.writes[group].set(WRITE_PENDING);
+            thread
+                .request_writes
+                .set(thread.request_writes.get() | group_bit(group));
         }
         self.route_writer(py, group)
+    }
+
+    /// See `_core.begin_request`.
+    pub fn begin_request(&self, thread: &ThreadReads, pins: &Bound<'_, PyDict>) -> PyResult<()> {
+        thread.in_request.set(true);
+        thread.request_writes.set(0);
+        for cell in &thread.pinned_through {
+            cell.set(0);
+        }
+        for (name, through) in pins.iter() {
+            // A cookie from another configuration may name a group no more.
+            let group = name
+                .extract::<&str>()
+                .ok()
+                .and_then(|name| self.config().group_index(name));
+            if let Some(group) = group {
+                thread.pinned_through[group].set(through.extract()?);
+            }
+        }
+        Ok(())
+    }
+
+    /// See `_core.end_request`.
+    pub fn end_request(&self, thread: &ThreadReads) -> Vec<String> {
+        thread.in_request.set(false);
+        for cell in &thread.pinned_through {
+            cell.set(0);
+        }
+        let written = thread.request_writes.replace(0);
+        self.config()
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(g, _)| written & group_bit(*g) != 0)
+            .map(|(_, group)| group.name.clone())
+            .collect()
     }
 
     /// The alias writes go to, noting nothing (reads of `WRITER_READS`
@@ -283,6 +348,15 @@ impl Runtime {
             return self.route_writer(py, group);
         }
         let first = self.config().groups[group].members.start;
+        let through = thread.pinned_through[group].get();
+        if through != 0 {
+            mask = caught_up_mask(mask, through, |bit| {
+                self.checker.replayed_through(first + bit as usize)
+            });
+            if mask == 0 {
+                return self.route_writer(py, group);
+            }
+        }
         let mut needed = thread.writes[group].get();
         if needed == WRITE_PENDING {
             // The write has committed by now: a writer probe sent from now
@@ -461,7 +535,7 @@ fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
                     // and never drop it.
                     let seed = Snapshot::clone(&parent.checker.snapshot());
                     std::mem::forget(parent);
-                    py_log::forget_after_fork();
+                    py_events::forget_after_fork();
                     seed
                 });
                 let runtime = Arc::new(new_runtime(py, generation, seed.as_ref())?);
@@ -501,8 +575,21 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         None
     };
     let tracks_writes = replica_reads && config.reads.read_your_writes;
-    let log = py_log::start();
-    let checker = Checker::start(config, Arc::new(NetworkProber), seed).map_err(|e| {
+    let (events, queue) = py_events::open();
+    let events = Arc::new(events);
+    let python_events = py.import("dbha.events")?;
+    py_events::follow_level(python_events.call_method0("log_level")?.extract()?);
+    // Without the thread, events are dropped; health checking goes on.
+    let events_thread = python_events
+        .call_method1("start", (queue,))
+        .map(Bound::unbind)
+        .map_err(|e| e.write_unraisable(py, None))
+        .ok();
+    let prober = ScriptedProber {
+        inner: NetworkProber,
+        script: Arc::clone(&SCRIPT),
+    };
+    let checker = Checker::start(config, Arc::new(prober), events.clone(), seed).map_err(|e| {
         PyOSError::new_err(format!("dbha: cannot start the health checker thread: {e}"))
     })?;
     Ok(Runtime {
@@ -512,30 +599,76 @@ fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyRe
         model_routes,
         pins,
         tracks_writes,
-        log,
+        events,
+        events_thread,
         informed: AtomicBool::new(seed.is_some()),
     })
 }
 
-/// Reads `settings.DATABASES` and `settings.DBHA` through `dbha.conf`.
+/// Reads `settings.DATABASES`, `settings.DBHA` and the backends' vendors
+/// through `dbha.conf`.
 fn read_config(py: Python<'_>) -> PyResult<Config> {
-    let (databases, dbha): (Bound<'_, PyAny>, Bound<'_, PyAny>) = py
+    let (databases, dbha, vendors): (Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>) = py
         .import("dbha.conf")?
         .call_method0("read_settings")?
         .extract()?;
-    config_from(&databases, &dbha)
+    validate(&databases, &dbha, &vendors)
+        .map_err(|(_, message)| ImproperlyConfigured::new_err(message))
 }
 
-pub fn config_from(databases: &Bound<'_, PyAny>, dbha: &Bound<'_, PyAny>) -> PyResult<Config> {
+/// What is wrong with the settings, as Django system checks: `(check id,
+/// message)` for the first error and every warning.
+pub fn problems(
+    databases: &Bound<'_, PyAny>,
+    dbha: &Bound<'_, PyAny>,
+    vendors: &Bound<'_, PyAny>,
+) -> Vec<(&'static str, String)> {
+    let (plain_databases, plain_dbha) = (to_value(databases), to_value(dbha));
+    let message = |e: &ConfigError| scrub(&format!("dbha: {e}"), &plain_databases, &plain_dbha);
+    match validate(databases, dbha, vendors) {
+        Ok(config) => config
+            .warnings
+            .iter()
+            .map(|w| (w.code.check_id(), message(w)))
+            .collect(),
+        Err((e, text)) => vec![(e.code.check_id(), text)],
+    }
+}
+
+/// The aliases these settings watch; none if they are invalid.
+pub fn watched_aliases(
+    databases: &Bound<'_, PyAny>,
+    dbha: &Bound<'_, PyAny>,
+    vendors: &Bound<'_, PyAny>,
+) -> Vec<String> {
+    validate(databases, dbha, vendors).map_or_else(
+        |_| Vec::new(),
+        |config| config.nodes.into_iter().map(|node| node.alias).collect(),
+    )
+}
+
+/// The configuration, or the error with its message (scrubbed of every
+/// password).
+fn validate(
+    databases: &Bound<'_, PyAny>,
+    dbha: &Bound<'_, PyAny>,
+    vendors: &Bound<'_, PyAny>,
+) -> Result<Config, (ConfigError, String)> {
     if let Some(alias) = super::value::invalid_alias(databases) {
-        return Err(ImproperlyConfigured::new_err(format!(
-            "dbha: DATABASES[{alias}]: an alias must be valid text (this one has a lone \
-             surrogate)"
-        )));
+        let error = ConfigError {
+            code: crate::checker::config::Problem::BadDatabase,
+            key: format!("DATABASES[{alias}]"),
+            value: String::new(),
+            problem: "an alias must be valid text (this one has a lone surrogate)".into(),
+        };
+        let message = format!("dbha: {}: {}", error.key, error.problem);
+        return Err((error, message));
     }
     let (databases, dbha) = (to_value(databases), to_value(dbha));
-    Config::from_settings(&databases, &dbha)
-        .map_err(|e| ImproperlyConfigured::new_err(scrub(&format!("dbha: {e}"), &databases, &dbha)))
+    Config::from_django(&databases, &dbha, &to_value(vendors)).map_err(|e| {
+        let message = scrub(&format!("dbha: {e}"), &databases, &dbha);
+        (e, message)
+    })
 }
 
 /// `message` with every password of the settings replaced by `***`,
@@ -610,23 +743,30 @@ pub fn reset(py: Python<'_>, join: bool) {
             RUNTIME.store(None);
             EPOCH.fetch_add(1, Ordering::AcqRel);
             std::mem::forget(runtime);
-            py_log::forget_after_fork();
+            py_events::forget_after_fork();
             return;
         }
         if !join {
             RUNTIME.store(None);
             EPOCH.fetch_add(1, Ordering::AcqRel);
             runtime.checker.stop(false);
+            runtime.events.close();
             return;
         }
         runtime
     };
-    py.detach(|| {
-        runtime.checker.stop(true);
-        if let Some(log) = &runtime.log {
-            log.stop();
+    py.detach(|| runtime.checker.stop(true));
+    runtime.events.close();
+    if let Some(thread) = &runtime.events_thread {
+        // Joined from Python, which lets go of the interpreter meanwhile; a
+        // receiver that calls `close()` is not waited for by itself.
+        if let Err(e) = py
+            .import("dbha.events")
+            .and_then(|events| events.call_method1("stop", (thread,)))
+        {
+            e.write_unraisable(py, None);
         }
-    });
+    }
     let _start = lock_start(py);
     if RUNTIME
         .load()

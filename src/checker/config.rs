@@ -132,7 +132,7 @@ impl Default for Timing {
     fn default() -> Self {
         Self {
             check_interval: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(500),
             rise: 2,
             fall: 2,
             jitter: 0.1,
@@ -153,6 +153,8 @@ pub struct Config {
     pub on_all_down: OnAllDown,
     pub failback: Failback,
     pub reads: Reads,
+    /// Settings that work but are likely mistakes (system check warnings).
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The shortest interval or deadline: anything shorter is a typo, and would
@@ -162,9 +164,65 @@ const MIN_TIMING: Duration = Duration::from_millis(10);
 /// The most nodes in one group: the read routes are a 64-bit mask.
 pub const MAX_GROUP_SIZE: usize = 64;
 
-/// A setting that cannot be used, with the key and value to quote.
+/// What is wrong with a setting: each kind has a stable Django system
+/// check id, documented in the README.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    /// An unknown `DBHA` key.
+    UnknownKey,
+    /// A value of the wrong type.
+    WrongType,
+    /// A value of the right type but out of range, or not a known choice.
+    BadValue,
+    /// An alias or group name that does not exist.
+    UnknownName,
+    /// An alias in two groups, or twice in one.
+    DuplicateAlias,
+    /// SQLite in a group: there is no server to probe.
+    Sqlite,
+    /// A libpq multi-host `HOST`.
+    MultiHost,
+    /// A `DATABASES` entry dbha cannot probe (`ENGINE`, `PORT`, `HOST`, TLS).
+    BadDatabase,
+    /// A `PROBE_CREDENTIALS` entry without its own `PASSWORD`.
+    MissingPassword,
+    /// Two aliases of a group point at the same server.
+    SameServer,
+    /// A server dbha can only probe with `tcp` (warning).
+    TcpOnly,
+    /// Replica reads asked for, but no group has a node that could be one
+    /// (warning).
+    NoReplicas,
+    /// A probe may take longer than the interval between rounds (warning).
+    SlowProbe,
+}
+
+impl Problem {
+    /// The Django system check id.
+    pub fn check_id(self) -> &'static str {
+        match self {
+            Self::UnknownKey => "dbha.E001",
+            Self::WrongType => "dbha.E002",
+            Self::BadValue => "dbha.E003",
+            Self::UnknownName => "dbha.E004",
+            Self::DuplicateAlias => "dbha.E005",
+            Self::Sqlite => "dbha.E006",
+            Self::MultiHost => "dbha.E007",
+            Self::BadDatabase => "dbha.E008",
+            Self::MissingPassword => "dbha.E009",
+            Self::SameServer => "dbha.E010",
+            Self::TcpOnly => "dbha.W001",
+            Self::NoReplicas => "dbha.W003",
+            Self::SlowProbe => "dbha.W004",
+        }
+    }
+}
+
+/// A setting that cannot be used (or, from [`Config::warnings`], one that
+/// works but is likely a mistake), with the key and value to quote.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
+    pub code: Problem,
     pub key: String,
     pub value: String,
     pub problem: String,
@@ -204,8 +262,9 @@ fn dbha_key(key: &str) -> String {
     format!("DBHA[\"{key}\"]")
 }
 
-fn error(key: String, value: &Value, problem: impl Into<String>) -> ConfigError {
+fn error(code: Problem, key: String, value: &Value, problem: impl Into<String>) -> ConfigError {
     ConfigError {
+        code,
         key,
         value: value.to_string(),
         problem: problem.into(),
@@ -214,11 +273,24 @@ fn error(key: String, value: &Value, problem: impl Into<String>) -> ConfigError 
 
 impl Config {
     /// Validates `settings.DATABASES` and `settings.DBHA` (`Value::None` when
-    /// the project has none).
+    /// the project has none), knowing each engine by its name.
     pub fn from_settings(databases: &Value, dbha: &Value) -> Result<Self, ConfigError> {
+        Self::from_django(databases, dbha, &Value::None)
+    }
+
+    /// Like [`Config::from_settings`], with each alias's backend `vendor`
+    /// (`{"default": "postgresql"}`) as Django reports it: so that wrappers
+    /// whose names say nothing (PostGIS, connection pools, metrics
+    /// wrappers) are probed as the server they speak to.
+    pub fn from_django(
+        databases: &Value,
+        dbha: &Value,
+        vendors: &Value,
+    ) -> Result<Self, ConfigError> {
         let dbha = Settings::new(dbha)?;
         let Value::Map(database_entries) = databases else {
             return Err(error(
+                Problem::WrongType,
                 "DATABASES".into(),
                 &redacted(databases),
                 "must be a dict of aliases",
@@ -230,60 +302,46 @@ impl Config {
 
         let mut nodes = Vec::new();
         let mut group_list = Vec::new();
+        let mut warnings = Vec::new();
         for (group, (name, aliases)) in groups.into_iter().enumerate() {
             let start = nodes.len();
+            let group_key = match dbha.get("GROUPS") {
+                Some(_) => format!("{}[\"{name}\"]", dbha_key("GROUPS")),
+                None if dbha.get("DATABASES").is_some() => dbha_key("DATABASES"),
+                None => "DATABASES".to_owned(),
+            };
             for alias in aliases {
                 let entry = database_entries
                     .iter()
                     .find(|(a, _)| *a == alias)
                     .map_or(&Value::None, |(_, entry)| entry);
-                let (engine, endpoint) = parse_database(&alias, entry)?;
-                let probe = probe_kinds.get(&alias).unwrap_or(match engine {
-                    Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
-                    Engine::Other => ProbeKind::Tcp,
-                });
-                if probe != ProbeKind::Tcp && engine == Engine::Other {
-                    let key = if probe_kinds.per_alias.contains_key(alias.as_str()) {
-                        format!("{}[\"{alias}\"]", dbha_key("PROBE"))
-                    } else {
-                        dbha_key("PROBE")
-                    };
+                let vendor = match vendors.get(&alias) {
+                    Some(Value::Str(vendor)) => Some(vendor.as_str()),
+                    _ => None,
+                };
+                let node = dbha.node(alias, group, entry, vendor, &probe_kinds, &mut warnings)?;
+                if let Some(twin) = nodes[start..]
+                    .iter()
+                    .find(|n: &&Node| n.server.endpoint == node.server.endpoint)
+                {
                     return Err(error(
-                        key,
-                        &Value::str(if probe == ProbeKind::Role {
-                            "role"
-                        } else {
-                            "handshake"
-                        }),
+                        Problem::SameServer,
+                        group_key,
+                        &Value::List(vec![Value::str(&twin.alias), Value::str(&node.alias)]),
                         format!(
-                            "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, \
-                             so only the 'tcp' probe applies to it"
+                            "both aliases point at {}: a failover group needs a server of \
+                             its own for each alias",
+                            node.server.endpoint
                         ),
                     ));
                 }
-                let login = dbha.login(&alias, engine, entry)?;
-                let tls = parse_tls(&alias, engine, entry)?;
-                nodes.push(Node {
-                    alias,
-                    group,
-                    engine,
-                    probe,
-                    server: Server {
-                        endpoint,
-                        login,
-                        tls,
-                    },
-                });
+                nodes.push(node);
             }
             let size = nodes.len() - start;
             if size > MAX_GROUP_SIZE {
-                let key = match dbha.get("GROUPS") {
-                    Some(_) => format!("{}[\"{name}\"]", dbha_key("GROUPS")),
-                    None if dbha.get("DATABASES").is_some() => dbha_key("DATABASES"),
-                    None => "DATABASES".to_owned(),
-                };
                 return Err(error(
-                    key,
+                    Problem::BadValue,
+                    group_key,
                     &Value::Other(format!("{size} aliases")),
                     format!(
                         "a group has at most {MAX_GROUP_SIZE} aliases; split them into \
@@ -297,11 +355,14 @@ impl Config {
             });
         }
         let routes = dbha.routes(&group_list)?;
+        let timing = dbha.timing()?;
+        let reads = dbha.reads()?;
+        warnings.extend(dbha.warnings(&timing, &reads, &group_list, &nodes));
         Ok(Self {
             nodes,
             groups: group_list,
             routes,
-            timing: dbha.timing()?,
+            timing,
             on_all_down: dbha.choice(
                 "ON_ALL_DOWN",
                 &[("last", OnAllDown::Last), ("raise", OnAllDown::Raise)],
@@ -312,7 +373,8 @@ impl Config {
                 &[("sticky", Failback::Sticky), ("auto", Failback::Auto)],
                 Failback::Sticky,
             )?,
-            reads: dbha.reads()?,
+            reads,
+            warnings,
         })
     }
 
@@ -347,7 +409,14 @@ impl<'a> Settings<'a> {
         let entries: &[(String, Value)] = match dbha {
             Value::None => &[],
             Value::Map(entries) => entries,
-            other => return Err(error("DBHA".into(), other, "must be a dict")),
+            other => {
+                return Err(error(
+                    Problem::WrongType,
+                    "DBHA".into(),
+                    other,
+                    "must be a dict",
+                ))
+            }
         };
         if let Some((key, value)) = entries
             .iter()
@@ -358,13 +427,119 @@ impl<'a> Settings<'a> {
                 Some(near) => format!("unknown key; did you mean \"{near}\"?"),
                 None => format!("unknown key; known keys are {}", KNOWN_KEYS.join(", ")),
             };
-            return Err(error(dbha_key(key), &texts_redacted(value), problem));
+            return Err(error(
+                Problem::UnknownKey,
+                dbha_key(key),
+                &texts_redacted(value),
+                problem,
+            ));
         }
         Ok(Self { entries })
     }
 
     fn get(&self, key: &str) -> Option<&'a Value> {
         self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// One alias's node: how to reach, log in to and probe its server. A
+    /// server dbha can only probe with `tcp` adds a warning.
+    fn node(
+        &self,
+        alias: String,
+        group: usize,
+        entry: &Value,
+        vendor: Option<&str>,
+        probe_kinds: &ProbeKinds<'_>,
+        warnings: &mut Vec<ConfigError>,
+    ) -> Result<Node, ConfigError> {
+        let (engine, endpoint) = parse_database(&alias, entry, vendor)?;
+        if engine == Engine::Other {
+            warnings.push(error(
+                Problem::TcpOnly,
+                format!("DATABASES[\"{alias}\"][\"ENGINE\"]"),
+                entry.get("ENGINE").unwrap_or(&Value::None),
+                "dbha speaks only PostgreSQL's and MySQL's protocols, so this server gets \
+                 the 'tcp' probe: it sees a dead host, but not a hung server, and cannot \
+                 tell a primary from a standby",
+            ));
+        }
+        let probe = probe_kinds.get(&alias).unwrap_or(match engine {
+            Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
+            Engine::Other => ProbeKind::Tcp,
+        });
+        if probe != ProbeKind::Tcp && engine == Engine::Other {
+            let key = if probe_kinds.per_alias.contains_key(alias.as_str()) {
+                format!("{}[\"{alias}\"]", dbha_key("PROBE"))
+            } else {
+                dbha_key("PROBE")
+            };
+            return Err(error(
+                Problem::BadValue,
+                key,
+                &Value::str(if probe == ProbeKind::Role {
+                    "role"
+                } else {
+                    "handshake"
+                }),
+                format!(
+                    "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, so only the \
+                     'tcp' probe applies to it"
+                ),
+            ));
+        }
+        let login = self.login(&alias, engine, entry)?;
+        let tls = parse_tls(&alias, engine, entry)?;
+        Ok(Node {
+            alias,
+            group,
+            engine,
+            probe,
+            server: Server {
+                endpoint,
+                login,
+                tls,
+            },
+        })
+    }
+
+    /// Timing and read settings that work but are likely mistakes.
+    fn warnings(
+        &self,
+        timing: &Timing,
+        reads: &Reads,
+        groups: &[Group],
+        nodes: &[Node],
+    ) -> Vec<ConfigError> {
+        let mut warnings = Vec::new();
+        if timing.connect_timeout >= timing.check_interval {
+            warnings.push(error(
+                Problem::SlowProbe,
+                dbha_key("CONNECT_TIMEOUT"),
+                &Value::Float(timing.connect_timeout.as_secs_f64()),
+                format!(
+                    "is not shorter than CHECK_INTERVAL ({}): a hung server is probed \
+                     once per deadline, not once per interval, so it is noticed later",
+                    Value::Float(timing.check_interval.as_secs_f64())
+                ),
+            ));
+        }
+        let could_replicate = groups.iter().any(|group| {
+            nodes[group.members.clone()]
+                .iter()
+                .filter(|node| node.probe == ProbeKind::Role)
+                .count()
+                >= 2
+        });
+        if reads.mode != ReadMode::Writer && !could_replicate {
+            warnings.push(error(
+                Problem::NoReplicas,
+                dbha_key("READS"),
+                self.get("READS").unwrap_or(&Value::None),
+                "no group has two nodes with the 'role' probe, so none can be a standby \
+                 that serves reads: every read goes to the writer",
+            ));
+        }
+        warnings
     }
 
     /// `(group name, aliases in priority order)` for every group.
@@ -375,6 +550,7 @@ impl<'a> Settings<'a> {
         let groups = match (self.get("DATABASES"), self.get("GROUPS")) {
             (Some(_), Some(groups)) => {
                 return Err(error(
+                    Problem::BadValue,
                     dbha_key("GROUPS"),
                     groups,
                     "set either DBHA[\"DATABASES\"] (one group) or DBHA[\"GROUPS\"], not both",
@@ -389,7 +565,12 @@ impl<'a> Settings<'a> {
                 for (name, aliases) in groups {
                     let key = format!("{}[\"{name}\"]", dbha_key("GROUPS"));
                     if name.is_empty() {
-                        return Err(error(key, aliases, "a group needs a name"));
+                        return Err(error(
+                            Problem::BadValue,
+                            key,
+                            aliases,
+                            "a group needs a name",
+                        ));
                     }
                     parsed.push((name.clone(), alias_list(&key, aliases)?));
                 }
@@ -397,6 +578,7 @@ impl<'a> Settings<'a> {
             }
             (None, Some(groups)) => {
                 return Err(error(
+                    Problem::WrongType,
                     dbha_key("GROUPS"),
                     groups,
                     "must be a non-empty dict of group name to a list of aliases",
@@ -418,6 +600,7 @@ impl<'a> Settings<'a> {
             for alias in aliases {
                 if !databases.iter().any(|(a, _)| a == alias) {
                     return Err(error(
+                        Problem::UnknownName,
                         key,
                         &Value::str(alias),
                         "no such alias in settings.DATABASES",
@@ -431,12 +614,18 @@ impl<'a> Settings<'a> {
                             "alias is already in group '{other}'; an alias belongs to one group"
                         )
                     };
-                    return Err(error(key, &Value::str(alias), problem));
+                    return Err(error(
+                        Problem::DuplicateAlias,
+                        key,
+                        &Value::str(alias),
+                        problem,
+                    ));
                 }
             }
         }
         if groups.iter().all(|(_, aliases)| aliases.is_empty()) {
             return Err(error(
+                Problem::BadDatabase,
                 "DATABASES".into(),
                 &Value::Map(Vec::new()),
                 "there is no database to watch",
@@ -454,7 +643,7 @@ impl<'a> Settings<'a> {
                 Value::Str(name) => ProbeKind::parse(name),
                 _ => None,
             }
-            .ok_or_else(|| error(key.to_owned(), value, problem))
+            .ok_or_else(|| error(Problem::BadValue, key.to_owned(), value, problem))
         };
         let mut kinds = ProbeKinds::default();
         match self.get("PROBE") {
@@ -466,6 +655,7 @@ impl<'a> Settings<'a> {
                         let alias_key = format!("{key}[\"{alias}\"]");
                         if !databases.iter().any(|(a, _)| a == alias) {
                             return Err(error(
+                                Problem::UnknownName,
                                 alias_key,
                                 &Value::str(alias),
                                 "no such alias in settings.DATABASES",
@@ -491,6 +681,7 @@ impl<'a> Settings<'a> {
             let key = format!("{}[\"{alias}\"]", dbha_key("PROBE_CREDENTIALS"));
             if !groups.iter().any(|(_, aliases)| aliases.contains(alias)) {
                 return Err(error(
+                    Problem::UnknownName,
                     key,
                     &redacted(credentials),
                     "no such alias among those dbha watches",
@@ -499,6 +690,7 @@ impl<'a> Settings<'a> {
             if let Value::Map(fields) = credentials {
                 if !fields.iter().any(|(k, _)| k == "PASSWORD") {
                     return Err(error(
+                        Problem::MissingPassword,
                         key,
                         &redacted(credentials),
                         "needs its own \"PASSWORD\" (\"\" for none): otherwise the \
@@ -521,6 +713,7 @@ impl<'a> Settings<'a> {
             }
             Some(other) => {
                 return Err(error(
+                    Problem::WrongType,
                     dbha_key("PROBE_CREDENTIALS"),
                     &redacted(other),
                     "must be a dict of alias to {\"USER\": ..., \"PASSWORD\": ...}",
@@ -531,6 +724,7 @@ impl<'a> Settings<'a> {
         if let Some(credentials) = credentials {
             let Value::Map(fields) = credentials else {
                 return Err(error(
+                    Problem::WrongType,
                     credentials_key,
                     &redacted(credentials),
                     "must be a dict with \"USER\" and \"PASSWORD\"",
@@ -539,6 +733,7 @@ impl<'a> Settings<'a> {
             if let Some((key, value)) = fields.iter().find(|(k, _)| k != "USER" && k != "PASSWORD")
             {
                 return Err(error(
+                    Problem::UnknownKey,
                     format!("{credentials_key}[\"{key}\"]"),
                     &redacted(value),
                     "unknown key; use \"USER\" and \"PASSWORD\"",
@@ -557,6 +752,7 @@ impl<'a> Settings<'a> {
                 Value::None => Ok(None),
                 Value::Str(s) => Ok(Some(s.clone())),
                 other => Err(error(
+                    Problem::WrongType,
                     key,
                     &if name == "PASSWORD" {
                         redacted(other)
@@ -606,6 +802,7 @@ impl<'a> Settings<'a> {
                 .map(|label| match label {
                     Value::Str(s) if is_model_label(s) => Ok(s.to_lowercase()),
                     other => Err(error(
+                        Problem::WrongType,
                         dbha_key("WRITER_READS"),
                         other,
                         "must list 'app_label' or 'app_label.ModelName' strings",
@@ -614,6 +811,7 @@ impl<'a> Settings<'a> {
                 .collect::<Result<_, _>>()?,
             Some(other) => {
                 return Err(error(
+                    Problem::WrongType,
                     dbha_key("WRITER_READS"),
                     other,
                     "must be a list of 'app_label' or 'app_label.ModelName'",
@@ -656,6 +854,7 @@ impl<'a> Settings<'a> {
             Some(Value::Map(routes)) => routes,
             Some(other) => {
                 return Err(error(
+                    Problem::WrongType,
                     key,
                     other,
                     "must be a dict of 'app_label' or 'app_label.ModelName' to a group name",
@@ -667,6 +866,7 @@ impl<'a> Settings<'a> {
             let route_key = format!("{key}[\"{label}\"]");
             if !is_model_label(label) {
                 return Err(error(
+                    Problem::BadValue,
                     route_key,
                     &Value::str(label),
                     "a route key is 'app_label' or 'app_label.ModelName'",
@@ -679,6 +879,7 @@ impl<'a> Settings<'a> {
             .ok_or_else(|| {
                 let names: Vec<_> = groups.iter().map(|g| format!("'{}'", g.name)).collect();
                 error(
+                    Problem::UnknownName,
                     route_key,
                     target,
                     format!("not a group; groups are {}", names.join(", ")),
@@ -714,8 +915,9 @@ impl<'a> Settings<'a> {
                 None => defaults.jitter,
                 Some(value) => match number(value) {
                     Some(j) if (0.0..1.0).contains(&j) => j,
-                    _ => {
+                    j => {
                         return Err(error(
+                            kind_of_miss(j.is_some()),
                             dbha_key("JITTER"),
                             value,
                             "must be a number from 0 up to (not including) 1",
@@ -738,7 +940,8 @@ impl<'a> Settings<'a> {
         // A day is far past any sensible setting and keeps Duration math safe.
         match number(value) {
             Some(s) if s >= min.as_secs_f64() && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-            _ => Err(error(
+            seconds => Err(error(
+                kind_of_miss(seconds.is_some()),
                 dbha_key(key),
                 value,
                 format!(
@@ -753,7 +956,12 @@ impl<'a> Settings<'a> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(other) => Err(error(dbha_key(key), other, "must be True or False")),
+            Some(other) => Err(error(
+                Problem::WrongType,
+                dbha_key(key),
+                other,
+                "must be True or False",
+            )),
         }
     }
 
@@ -764,6 +972,7 @@ impl<'a> Settings<'a> {
         match value {
             Value::Int(n) if (1..=1000).contains(n) => Ok(u32::try_from(*n).unwrap_or(1)),
             _ => Err(error(
+                kind_of_miss(matches!(value, Value::Int(_))),
                 dbha_key(key),
                 value,
                 "must be a whole number from 1 to 1000",
@@ -790,11 +999,21 @@ impl<'a> Settings<'a> {
                 .map(|(name, _)| format!("'{name}'"))
                 .collect();
             error(
+                kind_of_miss(matches!(value, Value::Str(_))),
                 dbha_key(key),
                 value,
                 format!("must be one of {}", names.join(", ")),
             )
         })
+    }
+}
+
+/// A value that missed: of the right type (out of range) or not.
+fn kind_of_miss(right_type: bool) -> Problem {
+    if right_type {
+        Problem::BadValue
+    } else {
+        Problem::WrongType
     }
 }
 
@@ -887,27 +1106,60 @@ fn number(value: &Value) -> Option<f64> {
 fn alias_list(key: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
     let problem = "must be a non-empty list of aliases from settings.DATABASES";
     let Value::List(items) = value else {
-        return Err(error(key.to_owned(), value, problem));
+        return Err(error(Problem::WrongType, key.to_owned(), value, problem));
     };
     if items.is_empty() {
-        return Err(error(key.to_owned(), value, problem));
+        return Err(error(Problem::BadValue, key.to_owned(), value, problem));
     }
     items
         .iter()
         .map(|item| match item {
             Value::Str(alias) => Ok(alias.clone()),
-            other => Err(error(key.to_owned(), other, "an alias must be a string")),
+            other => Err(error(
+                Problem::WrongType,
+                key.to_owned(),
+                other,
+                "an alias must be a string",
+            )),
         })
         .collect()
 }
 
-fn engine_of(alias: &str, entry: &Value) -> Result<Option<Engine>, ConfigError> {
+/// The engine of an alias (`None`: SQLite): from the backend's `vendor`
+/// when Django told it, else from the `ENGINE` name.
+fn engine_of(
+    alias: &str,
+    entry: &Value,
+    vendor: Option<&str>,
+) -> Result<Option<Engine>, ConfigError> {
     let key = format!("DATABASES[\"{alias}\"][\"ENGINE\"]");
     let engine = match entry.get("ENGINE") {
         Some(Value::Str(engine)) if !engine.is_empty() => engine,
-        Some(other) => return Err(error(key, other, "must name a database backend")),
-        None => return Err(error(key, &Value::None, "must name a database backend")),
+        Some(other) => {
+            return Err(error(
+                Problem::BadDatabase,
+                key,
+                other,
+                "must name a database backend",
+            ))
+        }
+        None => {
+            return Err(error(
+                Problem::BadDatabase,
+                key,
+                &Value::None,
+                "must name a database backend",
+            ))
+        }
     };
+    if let Some(vendor) = vendor {
+        return Ok(match vendor {
+            "sqlite" => None,
+            "postgresql" => Some(Engine::PostgreSql),
+            "mysql" => Some(Engine::MySql),
+            _ => Some(Engine::Other),
+        });
+    }
     let lower = engine.to_lowercase();
     Ok(if lower.contains("sqlite") {
         None
@@ -969,6 +1221,7 @@ fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigEr
         .ok_or_else(|| {
             let names: Vec<_> = modes.iter().map(|(n, _)| format!("'{n}'")).collect();
             error(
+                Problem::BadDatabase,
                 format!("{options_key}[\"{mode_key}\"]"),
                 value,
                 format!("must be one of {}", names.join(", ")),
@@ -985,6 +1238,7 @@ fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigEr
                 "[\"sslrootcert\"]"
             };
             return Err(error(
+                Problem::BadDatabase,
                 format!("{options_key}{key}"),
                 other,
                 "must be a file path",
@@ -994,10 +1248,15 @@ fn parse_tls(alias: &str, engine: Engine, entry: &Value) -> Result<Tls, ConfigEr
     Ok(Tls { mode, root_cert })
 }
 
-fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), ConfigError> {
+fn parse_database(
+    alias: &str,
+    entry: &Value,
+    vendor: Option<&str>,
+) -> Result<(Engine, Endpoint), ConfigError> {
     let entry_key = format!("DATABASES[\"{alias}\"]");
-    let Some(engine) = engine_of(alias, entry)? else {
+    let Some(engine) = engine_of(alias, entry, vendor)? else {
         return Err(error(
+            Problem::Sqlite,
             format!("{entry_key}[\"ENGINE\"]"),
             entry.get("ENGINE").unwrap_or(&Value::None),
             "SQLite has no server to probe; leave this alias out of DBHA[\"DATABASES\"] or DBHA[\"GROUPS\"]",
@@ -1012,6 +1271,7 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
             Engine::MySql => 3306,
             Engine::Other => {
                 return Err(error(
+                    Problem::BadDatabase,
                     port_key,
                     port_value,
                     "dbha needs the port of this engine's server",
@@ -1028,6 +1288,7 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
             Some(p) if p > 0 => p,
             _ => {
                 return Err(error(
+                    Problem::BadDatabase,
                     port_key,
                     port_value,
                     "must be a port number from 1 to 65535",
@@ -1043,6 +1304,7 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
         Value::Str(host) => host.trim().to_owned(),
         other => {
             return Err(error(
+                Problem::BadDatabase,
                 host_key,
                 other,
                 "must be a host name, IP or socket directory",
@@ -1051,6 +1313,7 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
     };
     if host.contains(',') {
         return Err(error(
+            Problem::MultiHost,
             host_key,
             host_value,
             "dbha watches one server per alias; give each server its own alias",
@@ -1058,6 +1321,7 @@ fn parse_database(alias: &str, entry: &Value) -> Result<(Engine, Endpoint), Conf
     }
     if host.chars().any(char::is_control) {
         return Err(error(
+            Problem::BadDatabase,
             host_key,
             host_value,
             "must be a host name, IP or socket directory, without control characters",
@@ -1568,7 +1832,7 @@ mod tests {
         assert!(e.problem.contains("'role'"), "{e}");
         let many = Value::Map(
             (0..65)
-                .map(|i| (format!("db{i}"), pg("10.0.0.1", 5432)))
+                .map(|i| (format!("db{i}"), pg("10.0.0.1", 5432 + i)))
                 .collect(),
         );
         let e = Config::from_settings(&many, &Value::None).unwrap_err();
@@ -1670,5 +1934,137 @@ mod tests {
         let e =
             Config::from_settings(&dbs, &map(&[("PROBE", Value::str("handshake"))])).unwrap_err();
         assert_eq!(e.key, "DBHA[\"PROBE\"]");
+        assert_eq!(e.code, Problem::BadValue);
+        let codes: Vec<_> = c
+            .warnings
+            .iter()
+            .map(|w| (w.code, w.key.as_str()))
+            .collect();
+        assert_eq!(
+            codes,
+            [(Problem::TcpOnly, "DATABASES[\"x\"][\"ENGINE\"]")],
+            "only 'tcp' for this engine, and the default timing is sane"
+        );
+    }
+
+    #[test]
+    fn each_problem_has_its_own_code() {
+        let code = |databases: &Value, dbha: &[(&str, Value)]| {
+            Config::from_settings(databases, &map(dbha))
+                .unwrap_err()
+                .code
+        };
+        let dbs = three_pg();
+        assert_eq!(code(&dbs, &[("FAL", Value::Int(2))]), Problem::UnknownKey);
+        assert_eq!(code(&dbs, &[("FALL", Value::str("2"))]), Problem::WrongType);
+        assert_eq!(code(&dbs, &[("FALL", Value::Int(0))]), Problem::BadValue);
+        assert_eq!(
+            code(&dbs, &[("CHECK_INTERVAL", Value::str("1"))]),
+            Problem::WrongType
+        );
+        assert_eq!(
+            code(&dbs, &[("CHECK_INTERVAL", Value::Float(1e-9))]),
+            Problem::BadValue
+        );
+        assert_eq!(code(&dbs, &[("READS", Value::Int(1))]), Problem::WrongType);
+        assert_eq!(
+            code(&dbs, &[("READS", Value::str("all"))]),
+            Problem::BadValue
+        );
+        let groups = |aliases: &[&str]| {
+            map(&[(
+                "main",
+                Value::List(aliases.iter().map(|a| Value::str(a)).collect()),
+            )])
+        };
+        assert_eq!(
+            code(&dbs, &[("GROUPS", groups(&["nope"]))]),
+            Problem::UnknownName
+        );
+        let two = map(&[
+            ("a", groups(&["default"]).get("main").cloned().unwrap()),
+            ("b", groups(&["default"]).get("main").cloned().unwrap()),
+        ]);
+        assert_eq!(code(&dbs, &[("GROUPS", two)]), Problem::DuplicateAlias);
+        let routes = map(&[("app", Value::str("nope"))]);
+        assert_eq!(code(&dbs, &[("ROUTES", routes)]), Problem::UnknownName);
+        let probe = map(&[("nope", Value::str("tcp"))]);
+        assert_eq!(code(&dbs, &[("PROBE", probe)]), Problem::UnknownName);
+        let credentials = map(&[("nope", map(&[("PASSWORD", Value::str("x"))]))]);
+        assert_eq!(
+            code(&dbs, &[("PROBE_CREDENTIALS", credentials)]),
+            Problem::UnknownName
+        );
+        let no_password = map(&[("default", map(&[("USER", Value::str("monitor"))]))]);
+        assert_eq!(
+            code(&dbs, &[("PROBE_CREDENTIALS", no_password)]),
+            Problem::MissingPassword
+        );
+        let sqlite = map(&[(
+            "db",
+            map(&[("ENGINE", Value::str("django.db.backends.sqlite3"))]),
+        )]);
+        assert_eq!(code(&sqlite, &[]), Problem::Sqlite);
+        let multi = map(&[("db", pg("a,b", 5432))]);
+        assert_eq!(code(&multi, &[]), Problem::MultiHost);
+        let bad_port = map(&[("db", pg("a", 0))]);
+        assert_eq!(code(&bad_port, &[]), Problem::BadDatabase);
+        let twins = map(&[("a", pg("10.0.0.1", 5432)), ("b", pg("10.0.0.1", 5432))]);
+        let e = Config::from_settings(&twins, &Value::None).unwrap_err();
+        assert_eq!(e.code, Problem::SameServer);
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("DATABASES", "['a', 'b']")
+        );
+        // Twins in different groups are two groups' business: not an error.
+        let apart = map(&[
+            ("one", groups(&["a"]).get("main").cloned().unwrap()),
+            ("two", groups(&["b"]).get("main").cloned().unwrap()),
+        ]);
+        assert!(Config::from_settings(&twins, &map(&[("GROUPS", apart)])).is_ok());
+    }
+
+    #[test]
+    fn warnings_for_settings_that_work_but_mislead() {
+        let warnings = |databases: &Value, dbha: &[(&str, Value)]| -> Vec<Problem> {
+            let config = Config::from_settings(databases, &map(dbha)).unwrap();
+            config.warnings.iter().map(|w| w.code).collect()
+        };
+        assert_eq!(warnings(&three_pg(), &[]), []);
+        let slow = [("CHECK_INTERVAL", Value::Float(0.5))];
+        assert_eq!(warnings(&three_pg(), &slow), [Problem::SlowProbe]);
+        let replicas = ("READS", Value::str("replicas"));
+        assert_eq!(warnings(&three_pg(), std::slice::from_ref(&replicas)), []);
+        let one = map(&[("default", pg("10.0.0.1", 5432))]);
+        assert_eq!(
+            warnings(&one, std::slice::from_ref(&replicas)),
+            [Problem::NoReplicas]
+        );
+        let tcp = [replicas, ("PROBE", Value::str("tcp"))];
+        assert_eq!(warnings(&three_pg(), &tcp), [Problem::NoReplicas]);
+    }
+
+    #[test]
+    fn the_backend_vendor_decides_the_engine() {
+        let wrapped = map(&[(
+            "db",
+            map(&[
+                ("ENGINE", Value::str("myproject.pooled_backend")),
+                ("HOST", Value::str("a")),
+                ("PORT", Value::Int(5432)),
+            ]),
+        )]);
+        let by_name = Config::from_settings(&wrapped, &Value::None).unwrap();
+        assert_eq!(by_name.nodes[0].engine, Engine::Other);
+        let vendors = map(&[("db", Value::str("postgresql"))]);
+        let by_vendor = Config::from_django(&wrapped, &Value::None, &vendors).unwrap();
+        assert_eq!(by_vendor.nodes[0].engine, Engine::PostgreSql);
+        assert_eq!(by_vendor.nodes[0].probe, ProbeKind::Role);
+        let mysql = map(&[("db", Value::str("mysql"))]);
+        let by_vendor = Config::from_django(&wrapped, &Value::None, &mysql).unwrap();
+        assert_eq!(by_vendor.nodes[0].engine, Engine::MySql);
+        let sqlite = map(&[("db", Value::str("sqlite"))]);
+        let e = Config::from_django(&wrapped, &Value::None, &sqlite).unwrap_err();
+        assert_eq!(e.code, Problem::Sqlite);
     }
 }

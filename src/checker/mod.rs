@@ -3,9 +3,11 @@
 //! node and publishes what it decided.
 
 pub mod config;
+pub mod events;
 pub mod node;
 pub mod reads;
 pub mod schedule;
+pub mod script;
 pub mod select;
 pub mod state;
 pub mod value;

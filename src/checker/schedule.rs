@@ -23,10 +23,11 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, Guard};
-use log::{error, info, warn};
+use log::{error, Level};
 use parking_lot::{Condvar, Mutex};
 
 use super::config::{Config, Node, OnAllDown};
+use super::events::{Change, Event, Observer};
 use super::node::NodeProbe;
 use super::reads::{choose_readers, fastest_reader, WriteLog};
 use super::select::choose_writer;
@@ -125,6 +126,12 @@ pub struct Snapshot {
     /// Per node: the application reported it failing while its own probes
     /// failed too, and no probe has succeeded since.
     pub reported_failing: Vec<bool>,
+    /// Per node: failed probes so far, by [`Failure::kind_index`].
+    pub probe_errors: Vec<[u64; Failure::KINDS.len()]>,
+    /// Per node: failure reports the application made so far.
+    pub reports: Vec<u64>,
+    /// Per group: how often its writes moved to another node.
+    pub writer_changes: Vec<u64>,
 }
 
 /// Where a group's writes should go.
@@ -176,6 +183,9 @@ impl Snapshot {
             readers: vec![0; config.groups.len()],
             caught_up: vec![0; config.nodes.len()],
             reported_failing: vec![false; config.nodes.len()],
+            probe_errors: vec![[0; Failure::KINDS.len()]; config.nodes.len()],
+            reports: vec![0; config.nodes.len()],
+            writer_changes: vec![0; config.groups.len()],
         }
     }
 
@@ -235,6 +245,8 @@ struct Control {
     /// Per node: the application reported a failure, so its next probe
     /// also checks that it takes new sessions.
     reported: Vec<bool>,
+    /// Per node: reports made so far.
+    report_counts: Vec<u64>,
     /// Failure reports made, and taken in by the scheduler.
     reports_made: u64,
     reports_taken: u64,
@@ -245,7 +257,7 @@ struct Control {
     /// ... and so have these (rounds complete out of order).
     completed: BTreeSet<u64>,
     /// The running scheduler's event queue, to wake it.
-    waker: Option<Sender<Event>>,
+    waker: Option<Sender<Wakeup>>,
     /// Makes the scheduler panic (tests of the restart).
     #[cfg(test)]
     panic_now: bool,
@@ -258,6 +270,7 @@ impl Control {
             requested: vec![None; groups],
             last_started: vec![None; groups],
             reported: vec![false; nodes],
+            report_counts: vec![0; nodes],
             reports_made: 0,
             reports_taken: 0,
             started: 0,
@@ -289,7 +302,7 @@ impl Control {
 
     fn wake(&self) {
         if let Some(waker) = &self.waker {
-            let _ = waker.send(Event::Wake);
+            let _ = waker.send(Wakeup::Wake);
         }
     }
 }
@@ -297,6 +310,8 @@ impl Control {
 struct Shared {
     config: Arc<Config>,
     prober: Arc<dyn Prober>,
+    /// Told of every change, from the scheduler thread.
+    observer: Arc<dyn Observer>,
     snapshot: ArcSwap<Snapshot>,
     /// Per group, the snapshot's [`Route`], packed: what the hot path reads.
     routes: Box<[AtomicUsize]>,
@@ -310,6 +325,9 @@ struct Shared {
     caught_up: Box<[AtomicU64]>,
     /// Per group, the least `caught_up` of its reader standbys.
     least_caught_up: Box<[AtomicU64]>,
+    /// Per node, the wall-clock time (ms since the epoch) up to which it
+    /// has replayed every commit: `u64::MAX` for a writer, 0 if unknown.
+    replayed_through: Box<[AtomicU64]>,
     control: Mutex<Control>,
     /// Wakes the supervisor pausing before a restart (on stop).
     wake: Condvar,
@@ -329,10 +347,12 @@ pub struct Checker {
 impl Checker {
     /// Starts the checker thread. `seed` carries what an earlier checker
     /// knew (e.g. the parent's state after a fork) so that sticky writers
-    /// and fences survive; without it the first round decides.
+    /// and fences survive; without it the first round decides. `observer`
+    /// hears of every change.
     pub fn start(
         config: Arc<Config>,
         prober: Arc<dyn Prober>,
+        observer: Arc<dyn Observer>,
         seed: Option<&Snapshot>,
     ) -> std::io::Result<Self> {
         let (groups, nodes) = (config.groups.len(), config.nodes.len());
@@ -356,12 +376,14 @@ impl Checker {
             writer_probes: atomics(groups, |_| AtomicU64::new(0)),
             caught_up: atomics(nodes, |_| AtomicU64::new(0)),
             least_caught_up: atomics(groups, |_| AtomicU64::new(0)),
+            replayed_through: atomics(nodes, |_| AtomicU64::new(0)),
             control: Mutex::new(Control::new(groups, nodes)),
             wake: Condvar::new(),
             round_done: Condvar::new(),
             snapshot: ArcSwap::from_pointee(snapshot),
             config,
             prober,
+            observer,
         });
         let supervisor = Arc::clone(&shared);
         let thread = thread::Builder::new()
@@ -420,6 +442,14 @@ impl Checker {
         self.shared.least_caught_up[group].load(Ordering::Acquire)
     }
 
+    /// The wall-clock time (ms since the epoch) up to which `node` has
+    /// replayed every commit, as its last probe showed (see
+    /// [`replayed_through`]).
+    #[inline]
+    pub fn replayed_through(&self, node: usize) -> u64 {
+        self.shared.replayed_through[node].load(Ordering::Acquire)
+    }
+
     /// Asks for a round of `group` (or all groups) now; returns the ticket
     /// to pass to [`Checker::wait_for_round`].
     pub fn request_round(&self, group: Option<usize>) -> u64 {
@@ -443,6 +473,7 @@ impl Checker {
         let group = self.shared.config.nodes[node].group;
         let mut control = self.shared.control.lock();
         control.reported[node] = true;
+        control.report_counts[node] += 1;
         control.reports_made += 1;
         let ticket = control.reports_made;
         let earliest = control.last_started[group].map_or_else(Instant::now, |at| at + REPORT_GAP);
@@ -530,7 +561,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// What wakes the scheduler.
-enum Event {
+enum Wakeup {
     /// A probe thread's answer: to a request, or (`solicited` false) what
     /// it found when the server ended the kept session.
     Answer {
@@ -584,8 +615,8 @@ struct Scheduler {
     shared: Arc<Shared>,
     state: Snapshot,
     probe_threads: Vec<Option<ProbeThread>>,
-    events: Receiver<Event>,
-    events_sender: Sender<Event>,
+    events: Receiver<Wakeup>,
+    events_sender: Sender<Wakeup>,
     open: Vec<OpenRound>,
     /// Per group: when its next round is due.
     next_round: Vec<Instant>,
@@ -653,14 +684,14 @@ impl Scheduler {
                 .events
                 .recv_timeout(wake_at.saturating_duration_since(Instant::now()))
             {
-                Ok(Event::Answer {
+                Ok(Wakeup::Answer {
                     node,
                     result,
                     started,
                     latency,
                     solicited,
                 }) => self.on_answer(node, result, started, latency, solicited),
-                Ok(Event::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Wakeup::Wake) | Err(RecvTimeoutError::Timeout) => {}
                 // Impossible: we hold a sender.
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -780,6 +811,8 @@ impl Scheduler {
             return;
         }
         let mut confirmed = false;
+        let mut downed = Vec::new();
+        self.state.reports.clone_from(&control.report_counts);
         for (node, &reported) in control.reported.iter().enumerate() {
             if reported && self.state.nodes[node].failures > 0 {
                 confirmed |= !self.state.reported_failing[node];
@@ -787,12 +820,16 @@ impl Scheduler {
                 let health = &mut self.state.nodes[node];
                 if health.health == Health::Up {
                     health.health = Health::Down;
-                    log_change(&self.shared.config.nodes[node], health, Health::Down);
+                    health.since = Some(SystemTime::now());
+                    downed.push(node);
                 }
             }
         }
         control.reports_taken = control.reports_made;
         drop(control);
+        for node in downed {
+            self.node_changed(node, Health::Up);
+        }
         if confirmed {
             self.settle();
         }
@@ -925,12 +962,29 @@ impl Scheduler {
     fn record(&mut self, index: usize, outcome: ProbeOutcome) {
         let config = &self.shared.config;
         let timing = config.timing;
-        if outcome.result.is_ok() {
-            self.state.reported_failing[index] = false;
+        match &outcome.result {
+            Ok(_) => self.state.reported_failing[index] = false,
+            Err(failure) => self.state.probe_errors[index][failure.kind_index()] += 1,
         }
         let health = &mut self.state.nodes[index];
-        if let Some(change) = health.record(outcome, timing.rise, timing.fall, SystemTime::now()) {
-            log_change(&config.nodes[index], health, change);
+        let before = health.health;
+        if log::log_enabled!(Level::Debug) {
+            log::debug!(
+                "{} ({}): {} in {:.1} ms",
+                config.nodes[index].alias,
+                config.nodes[index].server.endpoint,
+                match &outcome.result {
+                    Ok(observation) => observation.to_string(),
+                    Err(failure) => failure.to_string(),
+                },
+                outcome.latency.as_secs_f64() * 1000.0
+            );
+        }
+        if health
+            .record(outcome, timing.rise, timing.fall, SystemTime::now())
+            .is_some()
+        {
+            self.node_changed(index, before);
         }
         for round in &mut self.open {
             round.waiting.retain(|&n| n != index);
@@ -1016,6 +1070,9 @@ impl Scheduler {
         shared.snapshot.store(Arc::new(self.state.clone()));
         for (i, &caught_up) in self.state.caught_up.iter().enumerate() {
             shared.caught_up[i].store(caught_up, Ordering::Release);
+            let writer = self.state.writers[config.nodes[i].group] == Some(i);
+            let through = replayed_through(&self.state.nodes[i], writer);
+            shared.replayed_through[i].store(through, Ordering::Release);
         }
         for (g, group) in config.groups.iter().enumerate() {
             let readers = self.state.readers[g];
@@ -1036,7 +1093,7 @@ impl Scheduler {
     }
 
     fn select_writer(&mut self, group: usize, members: std::ops::Range<usize>) {
-        let config = &self.shared.config;
+        let config = Arc::clone(&self.shared.config);
         let before = self.state.writers[group];
         let fenced_before = self.state.fenced.clone();
         let after = choose_writer(
@@ -1047,75 +1104,25 @@ impl Scheduler {
             before,
             config.failback,
         );
-        let name = &config.groups[group].name;
-        let alias = |i: usize| config.nodes[i].alias.as_str();
-        let timeline = |i: usize| {
-            self.state.nodes[i]
-                .timeline
-                .map_or("?".to_owned(), |t| t.to_string())
-        };
-        for i in members {
-            match (fenced_before[i], self.state.fenced[i]) {
-                (false, true) => {
-                    let writer = after.map_or("?", alias);
-                    let newer = after.is_some_and(|w| {
-                        matches!(
-                            (self.state.nodes[i].timeline, self.state.nodes[w].timeline),
-                            (Some(t), Some(n)) if n > t
-                        )
-                    });
-                    if newer {
-                        error!(
-                            "group '{name}': split brain: {} is primary on timeline {}, but \
-                             {writer} was promoted since (timeline {}): every write {} takes \
-                             is lost; \
-                             writes go to {writer}, and {} gets none until it is rewound \
-                             and rejoined as a standby",
-                            alias(i),
-                            timeline(i),
-                            after.map_or("?".to_owned(), timeline),
-                            alias(i),
-                            alias(i),
-                        );
-                    } else {
-                        error!(
-                            "group '{name}': split brain: {} reports primary (timeline {}) \
-                             while {writer} (timeline {}) takes the writes; writes stay on \
-                             {writer}, and {} gets none until it is rewound or rejoined as \
-                             a standby",
-                            alias(i),
-                            timeline(i),
-                            after.map_or("?".to_owned(), timeline),
-                            alias(i),
-                        );
-                    }
-                }
-                (true, false)
-                    if self.state.nodes[i].role == Some(crate::engines::Role::Standby) =>
-                {
-                    info!("{} reports standby: no longer fenced", alias(i));
-                }
-                (true, false) => info!(
-                    "{} is primary on timeline {}, the newest: no longer fenced",
-                    alias(i),
-                    timeline(i)
-                ),
-                _ => {}
-            }
+        let alias = |i: usize| config.nodes[i].alias.clone();
+        for (change, level, message) in self.fence_changes(members, &fenced_before, after) {
+            self.notify(group, change, level, &message, false);
         }
         // The first choice reports even "no writer", so a process that
         // starts with every database down says so.
         if after == before && (after.is_some() || self.decided[group]) {
             return;
         }
+        let first = !self.decided[group] && before.is_none();
         self.state.writers[group] = after;
         let Some(new) = after else {
             let policy = match config.on_all_down {
                 OnAllDown::Last => "routing to the last writer",
                 OnAllDown::Raise => "raising NoHealthyDatabase",
             };
-            let members = self.state.describe_group(config, group);
-            error!("group '{name}': no writer ({members}); {policy}");
+            let members = self.state.describe_group(&config, group);
+            let message = format!("no writer ({members}); {policy}");
+            self.notify(group, Change::NoWriter, Level::Error, &message, first);
             return;
         };
         let previous = before.or(self.state.last_writers[group]);
@@ -1124,18 +1131,149 @@ impl Scheduler {
             // old one's.
             self.write_logs[group].clear();
         }
-        match previous {
+        let (level, message) = match previous {
             Some(old) if old != new => {
-                warn!(
-                    "group '{name}': writes move from {} to {}",
-                    alias(old),
-                    alias(new)
-                );
+                self.state.writer_changes[group] += 1;
+                (
+                    Level::Warn,
+                    format!("writes move from {} to {}", alias(old), alias(new)),
+                )
             }
-            Some(_) => info!("group '{name}': writes resume on {}", alias(new)),
-            None => info!("group '{name}': writes go to {}", alias(new)),
-        }
+            Some(_) => (Level::Info, format!("writes resume on {}", alias(new))),
+            None => (Level::Info, format!("writes go to {}", alias(new))),
+        };
+        let change = Change::WriterChanged {
+            old: previous.map(alias),
+            new: alias(new),
+        };
+        self.notify(group, change, level, &message, first && previous.is_none());
         self.state.last_writers[group] = Some(new);
+    }
+
+    /// The events for primaries fenced or let go since `fenced_before`,
+    /// with `after` taking the writes.
+    fn fence_changes(
+        &self,
+        members: std::ops::Range<usize>,
+        fenced_before: &[bool],
+        after: Option<usize>,
+    ) -> Vec<(Change, Level, String)> {
+        let config = &self.shared.config;
+        let alias = |i: usize| config.nodes[i].alias.clone();
+        let timeline = |i: usize| {
+            self.state.nodes[i]
+                .timeline
+                .map_or("?".to_owned(), |t| t.to_string())
+        };
+        let mut events = Vec::new();
+        for i in members.clone() {
+            match (fenced_before[i], self.state.fenced[i]) {
+                (false, true) => {
+                    let writer = after.map_or("?".to_owned(), alias);
+                    let newer = after.is_some_and(|w| {
+                        matches!(
+                            (self.state.nodes[i].timeline, self.state.nodes[w].timeline),
+                            (Some(t), Some(n)) if n > t
+                        )
+                    });
+                    let message = if newer {
+                        format!(
+                            "split brain: {} is primary on timeline {}, but {writer} was \
+                             promoted since (timeline {}): every write {} takes is lost; \
+                             writes go to {writer}, and {} gets none until it is rewound \
+                             and rejoined as a standby",
+                            alias(i),
+                            timeline(i),
+                            after.map_or("?".to_owned(), timeline),
+                            alias(i),
+                            alias(i),
+                        )
+                    } else {
+                        format!(
+                            "split brain: {} reports primary (timeline {}) while {writer} \
+                             (timeline {}) takes the writes; writes stay on {writer}, and {} \
+                             gets none until it is rewound or rejoined as a standby",
+                            alias(i),
+                            timeline(i),
+                            after.map_or("?".to_owned(), timeline),
+                            alias(i),
+                        )
+                    };
+                    let fenced = members
+                        .clone()
+                        .filter(|&n| self.state.fenced[n])
+                        .map(alias)
+                        .collect();
+                    events.push((
+                        Change::SplitBrain {
+                            fenced,
+                            writer: after.map(alias),
+                        },
+                        Level::Error,
+                        message,
+                    ));
+                }
+                (true, false) => {
+                    let message = if self.state.nodes[i].role == Some(crate::engines::Role::Standby)
+                    {
+                        format!("{} reports standby: no longer fenced", alias(i))
+                    } else {
+                        format!(
+                            "{} is primary on timeline {}, the newest: no longer fenced",
+                            alias(i),
+                            timeline(i)
+                        )
+                    };
+                    events.push((Change::Unfenced { alias: alias(i) }, Level::Info, message));
+                }
+                _ => {}
+            }
+        }
+        events
+    }
+
+    /// Tells the observer of a change in `group`: `group 'main': <message>`.
+    fn notify(&self, group: usize, change: Change, level: Level, message: &str, first: bool) {
+        let name = &self.shared.config.groups[group].name;
+        self.shared.observer.notify(Event {
+            group: name.clone(),
+            change,
+            level,
+            message: format!("group '{name}': {message}"),
+            first,
+        });
+    }
+
+    /// Tells the observer that `node`'s health changed from `before`.
+    fn node_changed(&self, node: usize, before: Health) {
+        let config = &self.shared.config;
+        let health = &self.state.nodes[node];
+        let name = &config.nodes[node];
+        let alias = name.alias.clone();
+        let (change, level, message) = match (health.health, &health.last_error) {
+            (Health::Down, failure) => {
+                let reason = failure
+                    .as_ref()
+                    .map_or("down".to_owned(), ToString::to_string);
+                let message = format!("{} ({}) is down: {reason}", alias, name.server.endpoint);
+                (Change::NodeDown { alias, reason }, Level::Warn, message)
+            }
+            _ => {
+                let latency = health.latency.unwrap_or_default().as_secs_f64() * 1000.0;
+                let message = format!(
+                    "{} ({}) is up ({latency:.1} ms)",
+                    alias, name.server.endpoint
+                );
+                (Change::NodeUp { alias }, Level::Info, message)
+            }
+        };
+        self.shared.observer.notify(Event {
+            group: config.groups[name.group].name.clone(),
+            change,
+            level,
+            message,
+            first: before == Health::Unknown,
+        });
     }
 
     /// Hands a probe of `node` to its thread, starting the thread if
@@ -1204,13 +1342,13 @@ fn probe_thread(
     index: usize,
     inbox: &Receiver<bool>,
     bell: &Bell,
-    events: &Sender<Event>,
+    events: &Sender<Wakeup>,
 ) {
     let node = &shared.config.nodes[index];
     let timeout = shared.config.timing.connect_timeout;
     let mut prober = shared.prober.for_node(node);
     let send = |result, started: Instant, solicited| {
-        let answer = Event::Answer {
+        let answer = Wakeup::Answer {
             node: index,
             result,
             started,
@@ -1265,6 +1403,24 @@ fn guarded<T>(step: impl FnOnce() -> T) -> Result<T, Failure> {
         .map_err(|panic| Failure::Internal(format!("probe panicked: {}", panic_message(&*panic))))
 }
 
+/// Up to when (ms since the epoch) `health`'s node has replayed every
+/// commit: when its last probe began, less its lag then, less a second for
+/// what was still on its way to it; `u64::MAX` for the writer; 0 if unknown.
+fn replayed_through(health: &NodeHealth, writer: bool) -> u64 {
+    const IN_FLIGHT: Duration = Duration::from_secs(1);
+    if writer {
+        return u64::MAX;
+    }
+    let (Some(checked), Some(lag), true) = (health.checked_at, health.lag, health.is_up()) else {
+        return 0;
+    };
+    let began = checked.checked_sub(health.latency.unwrap_or_default());
+    began
+        .and_then(|t| t.checked_sub(lag + IN_FLIGHT))
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// The earlier of two optional instants.
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
@@ -1273,27 +1429,10 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-fn log_change(node: &Node, health: &NodeHealth, change: Health) {
-    let latency = health.latency.unwrap_or_default().as_secs_f64() * 1000.0;
-    match (change, &health.last_error) {
-        (Health::Down, Some(failure)) => {
-            warn!(
-                "{} ({}) is down: {failure}",
-                node.alias, node.server.endpoint
-            );
-        }
-        _ => info!(
-            "{} ({}) is {} ({latency:.1} ms)",
-            node.alias,
-            node.server.endpoint,
-            change.as_str()
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checker::events::LogObserver;
     use crate::checker::value::Value;
     use crate::engines::Role;
     use parking_lot::{Mutex, RwLock};
@@ -1408,17 +1547,26 @@ mod tests {
         }
     }
 
-    fn config(aliases: &[&str], dbha: &[(&str, Value)]) -> Arc<Config> {
-        let pg = Value::Map(vec![(
-            "ENGINE".into(),
-            Value::str("django.db.backends.postgresql"),
-        )]);
-        let databases = Value::Map(
+    /// `DATABASES` with a PostgreSQL server for each alias (a group's
+    /// aliases may not share one).
+    fn databases(aliases: &[&str]) -> Value {
+        Value::Map(
             aliases
                 .iter()
-                .map(|a| ((*a).to_owned(), pg.clone()))
+                .zip(5432..)
+                .map(|(alias, port)| {
+                    let entry = Value::Map(vec![
+                        ("ENGINE".into(), Value::str("django.db.backends.postgresql")),
+                        ("PORT".into(), Value::Int(port)),
+                    ]);
+                    ((*alias).to_owned(), entry)
+                })
                 .collect(),
-        );
+        )
+    }
+
+    fn config(aliases: &[&str], dbha: &[(&str, Value)]) -> Arc<Config> {
+        let databases = databases(aliases);
         let mut settings = vec![
             ("CHECK_INTERVAL".to_owned(), Value::Float(0.05)),
             // Generous: a loaded machine (tests in parallel, backtraces printed)
@@ -1459,7 +1607,8 @@ mod tests {
 
     fn start(aliases: &[&str], dbha: &[(&str, Value)], script: &Arc<Script>) -> Checker {
         let prober: Arc<dyn Prober> = Arc::new(Arc::clone(script));
-        let checker = Checker::start(config(aliases, dbha), prober, None).unwrap();
+        let checker =
+            Checker::start(config(aliases, dbha), prober, Arc::new(LogObserver), None).unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(5)));
         checker
     }
@@ -1556,7 +1705,13 @@ mod tests {
             }
         }
         let dbha = [("CONNECT_TIMEOUT", Value::Float(0.2))];
-        let checker = Checker::start(config(&["a", "b"], &dbha), Arc::new(Stuck), None).unwrap();
+        let checker = Checker::start(
+            config(&["a", "b"], &dbha),
+            Arc::new(Stuck),
+            Arc::new(LogObserver),
+            None,
+        )
+        .unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(1)));
         assert_eq!(writer(&checker), Route::Healthy(1));
         let started = Instant::now();
@@ -1634,16 +1789,7 @@ mod tests {
     #[test]
     fn rounds_can_cover_one_group() {
         let script = Arc::new(Script::default());
-        let pg = Value::Map(vec![(
-            "ENGINE".into(),
-            Value::str("django.db.backends.postgresql"),
-        )]);
-        let databases = Value::Map(
-            ["a", "b", "r"]
-                .iter()
-                .map(|a| ((*a).to_owned(), pg.clone()))
-                .collect(),
-        );
+        let databases = databases(&["a", "b", "r"]);
         let groups = Value::Map(vec![
             (
                 "main".into(),
@@ -1658,7 +1804,7 @@ mod tests {
         ]);
         let config = Arc::new(Config::from_settings(&databases, &dbha).unwrap());
         let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
-        let checker = Checker::start(config, prober, None).unwrap();
+        let checker = Checker::start(config, prober, Arc::new(LogObserver), None).unwrap();
         assert!(checker.wait_for_round(1, Duration::from_secs(5)));
         script.set("a", Answer::Refused);
         script.set("r", Answer::Refused);
@@ -1679,7 +1825,7 @@ mod tests {
         seed.last_writers[0] = Some(2);
         seed.nodes[2].health = Health::Up;
         let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
-        let checker = Checker::start(config, prober, Some(&seed)).unwrap();
+        let checker = Checker::start(config, prober, Arc::new(LogObserver), Some(&seed)).unwrap();
         assert_eq!(checker.snapshot().rounds, 0);
         assert_eq!(
             checker.route(0),
@@ -1775,6 +1921,149 @@ mod tests {
         settle(&checker);
         assert_eq!(checker.snapshot().fenced, [false; 3]);
         checker.stop(true);
+    }
+
+    /// Collects the checker's events.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Event>>);
+
+    impl Observer for Recorder {
+        fn notify(&self, event: Event) {
+            self.0.lock().push(event);
+        }
+    }
+
+    impl Recorder {
+        /// (kind, first) of every event so far, and forgets them.
+        fn take(&self) -> Vec<(&'static str, bool)> {
+            std::mem::take(&mut *self.0.lock())
+                .iter()
+                .map(|e| (e.change.kind(), e.first))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn every_transition_is_one_event() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::PrimaryAt(1, 0));
+        script.set("b", Answer::Standby(0));
+        script.set("c", Answer::Refused);
+        let recorder = Arc::new(Recorder::default());
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
+        let observer: Arc<dyn Observer> = recorder.clone();
+        let checker = Checker::start(config(&ABC, &[]), prober, observer, None).unwrap();
+        assert!(checker.wait_for_round(1, Duration::from_secs(5)));
+        let mut first = recorder.take();
+        first.sort_unstable();
+        assert_eq!(
+            first,
+            [
+                ("node_down", true),
+                ("node_up", true),
+                ("node_up", true),
+                ("writer_changed", true)
+            ],
+            "a process's first findings"
+        );
+        settle(&checker);
+        assert_eq!(recorder.take(), [], "nothing changed, nothing told");
+
+        script.set("a", Answer::Refused);
+        settle(&checker);
+        assert_eq!(
+            recorder.take(),
+            [("node_down", false), ("no_writer", false)]
+        );
+        script.set("b", Answer::PrimaryAt(2, 0));
+        settle(&checker);
+        assert_eq!(recorder.take(), [("writer_changed", false)]);
+        let snapshot = checker.snapshot();
+        assert_eq!(snapshot.writer_changes, [1]);
+        // Rounds come every 50 ms besides ours: at least our two failed.
+        assert!(snapshot.probe_errors[0][Failure::Refused.kind_index()] >= 2);
+        assert_eq!(snapshot.probe_errors[1].iter().sum::<u64>(), 0);
+
+        script.set("a", Answer::PrimaryAt(1, 0)); // back, un-rewound
+        settle(&checker);
+        assert_eq!(
+            recorder.take(),
+            [("node_up", false), ("split_brain", false)]
+        );
+        script.set("a", Answer::Standby(0)); // rewound and rejoined
+        settle(&checker);
+        assert_eq!(recorder.take(), [("unfenced", false)]);
+        checker.stop(true);
+    }
+
+    #[test]
+    fn split_brain_events_name_the_fenced_and_the_writer() {
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Refused);
+        script.set("b", Answer::PrimaryAt(2, 0));
+        script.set("c", Answer::Standby(0));
+        let recorder = Arc::new(Recorder::default());
+        let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
+        let observer: Arc<dyn Observer> = recorder.clone();
+        let checker = Checker::start(config(&ABC, &[]), prober, observer, None).unwrap();
+        assert!(checker.wait_for_round(1, Duration::from_secs(5)));
+        script.set("a", Answer::PrimaryAt(1, 0));
+        settle(&checker);
+        let events = std::mem::take(&mut *recorder.0.lock());
+        let split: Vec<_> = events
+            .iter()
+            .filter(|e| e.change.kind() == "split_brain")
+            .collect();
+        assert_eq!(split.len(), 1);
+        assert_eq!(
+            split[0].change,
+            Change::SplitBrain {
+                fenced: vec!["a".into()],
+                writer: Some("b".into())
+            }
+        );
+        assert_eq!(split[0].level, Level::Error);
+        assert!(
+            split[0].message.contains("timeline 1"),
+            "{}",
+            split[0].message
+        );
+        checker.stop(true);
+    }
+
+    #[test]
+    fn reports_are_counted_per_node() {
+        let script = Arc::new(Script::default());
+        let checker = start(&ABC, &[], &script);
+        checker.report_failure(1);
+        checker.report_failure(1);
+        settle(&checker);
+        assert_eq!(checker.snapshot().reports, [0, 2, 0]);
+        checker.stop(true);
+    }
+
+    #[test]
+    fn replayed_through_is_the_probe_time_less_lag_and_a_second() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let standby = NodeHealth {
+            health: Health::Up,
+            checked_at: Some(epoch + Duration::from_secs(100)),
+            latency: Some(Duration::from_secs(1)),
+            lag: Some(Duration::from_secs(3)),
+            ..NodeHealth::default()
+        };
+        assert_eq!(replayed_through(&standby, false), 95_000);
+        assert_eq!(replayed_through(&standby, true), u64::MAX);
+        let unknown_lag = NodeHealth {
+            lag: None,
+            ..standby.clone()
+        };
+        assert_eq!(replayed_through(&unknown_lag, false), 0);
+        let down = NodeHealth {
+            health: Health::Down,
+            ..standby
+        };
+        assert_eq!(replayed_through(&down, false), 0);
     }
 
     #[test]
@@ -2026,7 +2315,13 @@ mod tests {
             });
             let dbha = [("CHECK_INTERVAL", Value::Int(60)), ("FALL", Value::Int(3))];
             let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&watched));
-            let checker = Checker::start(config(&["a", "b"], &dbha), prober, None).unwrap();
+            let checker = Checker::start(
+                config(&["a", "b"], &dbha),
+                prober,
+                Arc::new(LogObserver),
+                None,
+            )
+            .unwrap();
             assert!(checker.wait_for_round(1, Duration::from_secs(5)));
             assert_eq!(writer(&checker), Route::Healthy(0));
             let closed = Instant::now();
@@ -2138,7 +2433,8 @@ mod tests {
         script.set("a", Answer::Hang);
         let dbha = [("CONNECT_TIMEOUT", Value::Int(5))];
         let prober: Arc<dyn Prober> = Arc::new(Arc::clone(&script));
-        let checker = Checker::start(config(&ABC, &dbha), prober, None).unwrap();
+        let checker =
+            Checker::start(config(&ABC, &dbha), prober, Arc::new(LogObserver), None).unwrap();
         thread::sleep(Duration::from_millis(100));
         let started = Instant::now();
         checker.stop(true);

@@ -48,6 +48,8 @@ pub struct NodeHealth {
     /// Why the last probe failed; `None` when it succeeded.
     pub last_error: Option<Failure>,
     pub checked_at: Option<SystemTime>,
+    /// When `health` last changed.
+    pub since: Option<SystemTime>,
     /// Role, lag, timeline and position from the last successful probe
     /// (all `None` unless the node uses the `role` probe).
     pub role: Option<Role>,
@@ -68,6 +70,7 @@ impl Default for NodeHealth {
             latency: None,
             last_error: None,
             checked_at: None,
+            since: None,
             role: None,
             lag: None,
             timeline: None,
@@ -120,7 +123,11 @@ impl NodeHealth {
                 }
             }
         }
-        (self.health != before).then_some(self.health)
+        let changed = self.health != before;
+        if changed {
+            self.since = Some(at);
+        }
+        changed.then_some(self.health)
     }
 
     pub fn is_up(&self) -> bool {

@@ -84,6 +84,24 @@ pub struct Observation {
     pub position: Option<u64>,
 }
 
+impl fmt::Display for Observation {
+    /// `primary, timeline 2` or `standby, lag 0.012 s`: a debug log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.role {
+            Some(Role::Primary) => f.write_str("primary")?,
+            Some(Role::Standby) => f.write_str("standby")?,
+            None => f.write_str("answers")?,
+        }
+        if let Some(timeline) = self.timeline {
+            write!(f, ", timeline {timeline}")?;
+        }
+        if let Some(lag) = self.lag {
+            write!(f, ", lag {:.3} s", lag.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
 /// A logged-in connection the `role` probe keeps open and asks again every
 /// round, so that steady-state probing opens no server connection.
 pub trait Session: Send {

@@ -29,6 +29,45 @@ pub enum Failure {
     Internal(String),
 }
 
+impl Failure {
+    /// Every [`Failure::kind`], in a fixed order: counters index by it.
+    pub const KINDS: [&'static str; 11] = [
+        "dns",
+        "refused",
+        "timeout",
+        "network",
+        "closed",
+        "bad_handshake",
+        "server_error",
+        "auth",
+        "tls",
+        "no_new_sessions",
+        "internal",
+    ];
+
+    /// A short stable name for the kind of failure (a metrics label).
+    pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
+    /// The position of [`Failure::kind`] in [`Failure::KINDS`].
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Self::Dns(_) => 0,
+            Self::Refused => 1,
+            Self::Timeout => 2,
+            Self::Network(_) => 3,
+            Self::Closed => 4,
+            Self::BadHandshake(_) => 5,
+            Self::ServerError(_) => 6,
+            Self::Auth(_) => 7,
+            Self::Tls(_) => 8,
+            Self::NoNewSessions(_) => 9,
+            Self::Internal(_) => 10,
+        }
+    }
+}
+
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -129,6 +168,15 @@ mod tests {
         let quoted = one_line(&huge);
         assert!(quoted.chars().count() <= MAX_QUOTE + 1);
         assert!(!quoted.contains('\n'));
+    }
+
+    #[test]
+    fn kinds_are_stable_names() {
+        assert_eq!(Failure::Timeout.kind(), "timeout");
+        assert_eq!(Failure::Dns("x".into()).kind(), "dns");
+        let no_new = Failure::NoNewSessions(Box::new(Failure::Refused));
+        assert_eq!(no_new.kind(), "no_new_sessions");
+        assert_eq!(Failure::Internal(String::new()).kind(), "internal");
     }
 
     #[test]
