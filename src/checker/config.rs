@@ -256,6 +256,8 @@ const KNOWN_KEYS: &[&str] = &[
     "READ_YOUR_WRITES",
     "FAST_INTERVAL",
     "LISTENER_CHECK_INTERVAL",
+    // Read by the Python side alone (its system checks validate it).
+    "HEALTH_VIEW_ACCESS",
 ];
 
 fn dbha_key(key: &str) -> String {
