@@ -52,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
         INSTALLED_APPS=["dbha", "tests.testapp"],
         DBHA=TEST_DBHA,
         USE_TZ=True,
+        SECRET_KEY="dbha-tests",
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
     )
     django.setup()

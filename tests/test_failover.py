@@ -264,6 +264,21 @@ def test_a_thread_reads_its_own_writes(cluster: Cluster, read_your_writes: bool)
             assert missing > 0
 
 
+def test_an_idle_standby_serves_a_threads_reads_again_after_its_write(cluster: Cluster) -> None:
+    """After a WAL switch the primary's insert location sits past a segment
+    header that nothing follows: a standby that replayed everything must
+    still count as caught up (found by Django's own test suite)."""
+    with override_settings(DBHA=REPLICAS):
+        wait_for(lambda: dbha.read_db() != "default", what="replica reads")
+        cluster.servers["default"].query("select pg_switch_wal()")
+        cluster.pg.wait_replayed()
+        insert = cluster.servers["default"].query("select pg_current_wal_insert_lsn()")
+        assert insert.endswith("000028"), f"{insert}: 40 bytes into a segment"
+        dbha.ModelDatabaseRouter().db_for_write(Item)  # a write, as far as dbha knows
+        assert dbha.read_db() == "default", "until a probe shows a standby has it"
+        wait_for(lambda: dbha.read_db() != "default", timeout=5, what="a caught-up standby")
+
+
 def test_reads_in_an_atomic_block_on_the_writer_stay_on_the_writer(cluster: Cluster) -> None:
     from django.db import transaction
 
@@ -328,6 +343,38 @@ def test_a_child_forked_while_another_thread_closes_dbha_gets_answers(cluster: C
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_a_transaction_opened_before_dbha_started_keeps_reads_on_the_writer(
+    cluster: Cluster,
+) -> None:
+    """Found by Django's own test suite under `--parallel`: a TestCase's
+    class-level atomic blocks open before a worker's first dbha call, in the
+    parent before the fork; their reads must still stay on the writer."""
+    from django.db import transaction
+
+    router = dbha.ModelDatabaseRouter()
+    with override_settings(DBHA=REPLICAS):
+        wait_for(lambda: dbha.read_db() != "default", what="replica reads")
+        dbha.close()
+        with transaction.atomic(using="default"):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                code = 1
+                with contextlib.suppress(BaseException):
+                    # The child's first call, inside the parent's block.
+                    code = 0 if router.db_for_read(Item) == "default" else 2
+                os._exit(code)
+            _, code = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(code) == 0, "the child read from a standby"
+            # The parent's first call after the restart, inside the block.
+            assert router.db_for_read(Item) == "default"
+            with transaction.atomic(using="default"):
+                assert router.db_for_read(Item) == "default"
+            assert router.db_for_read(Item) == "default", "the outer block is open"
+        assert router.db_for_read(Item) != "default"
+        connections.close_all()
 
 
 def test_close_returns_while_a_log_handler_calls_dbha(cluster: Cluster) -> None:

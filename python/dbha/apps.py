@@ -15,3 +15,8 @@ class DbhaConfig(AppConfig):
         checks.register(dbha_checks.check_settings)
         checks.register(dbha_checks.check_router)
         checks.register(dbha_checks.check_connections)
+        try:
+            from dbha import metrics
+        except ImportError:
+            return  # no prometheus_client: no metrics
+        metrics.register()

@@ -86,7 +86,7 @@ def check_connections(app_configs: Sequence[AppConfig] | None, **kwargs: Any) ->
     databases = getattr(settings, "DATABASES", None)
     if not isinstance(databases, Mapping):
         return []
-    watched = set(_core.watched_aliases(*conf.read_settings()))
+    watched = {a for _, aliases in _core.watched_groups(*conf.read_settings()) for a in aliases}
     messages: list[CheckMessage] = []
     for alias, entry in databases.items():
         if alias not in watched or not isinstance(entry, Mapping):

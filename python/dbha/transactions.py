@@ -6,7 +6,9 @@ Installed by the checker when `DBHA["READS"]` lets reads leave the writer.
 It wraps `Atomic.__enter__` and `__exit__`, and the connections'
 `set_autocommit` (transactions opened by turning autocommit off): the router
 then knows of an open transaction by counters of its own, not by asking
-Django's connection on every read."""
+Django's connection on every read. A thread's counters start from what
+Django's connections know (`open_transactions`), so that blocks opened
+before dbha started, or in the parent before a fork, count too."""
 
 from __future__ import annotations
 
@@ -38,11 +40,18 @@ def track_transactions() -> None:
 
     enter, exit_ = Atomic.__enter__, Atomic.__exit__
 
+    # Counted before Django's own step: a thread's first dbha call (here)
+    # starts its count from Django's open blocks, which then must not yet
+    # include this one (entering) or must still include it (leaving).
     @functools.wraps(enter)
     def __enter__(self: Atomic) -> Any:
-        entered = enter(self)
-        _core.count_atomic(self.using or DEFAULT_DB_ALIAS, True)
-        return entered
+        alias = self.using or DEFAULT_DB_ALIAS
+        _core.count_atomic(alias, True)
+        try:
+            return enter(self)
+        except BaseException:
+            _core.count_atomic(alias, False)
+            raise
 
     @functools.wraps(exit_)
     def __exit__(
@@ -51,12 +60,28 @@ def track_transactions() -> None:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> Any:
-        try:
-            return exit_(self, exc_type, exc, traceback)
-        finally:
-            _core.count_atomic(self.using or DEFAULT_DB_ALIAS, False)
+        _core.count_atomic(self.using or DEFAULT_DB_ALIAS, False)
+        return exit_(self, exc_type, exc, traceback)
 
     BaseDatabaseWrapper.set_autocommit = tracked_set_autocommit  # type: ignore[method-assign]
     Atomic.__enter__ = __enter__  # type: ignore[method-assign]
     Atomic.__exit__ = __exit__  # type: ignore[method-assign]
     Atomic._dbha_tracked = True  # type: ignore[attr-defined]
+
+
+def open_transactions(aliases: list[str]) -> list[tuple[int, bool]]:
+    """Per alias, this thread's open `atomic()` blocks and whether its
+    connection has autocommit off, as Django's connection knows them (never
+    opening a connection)."""
+    from django.db import connections
+
+    found = []
+    for alias in aliases:
+        try:
+            connection = connections[alias]
+        except Exception:
+            found.append((0, False))
+            continue
+        manual = connection.connection is not None and not connection.autocommit
+        found.append((len(connection.atomic_blocks), manual))
+    return found

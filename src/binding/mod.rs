@@ -14,6 +14,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
+use crate::checker::config::ReadMode;
 use crate::engines::{Observation, Role};
 use crate::net::Failure;
 use events::EventQueue;
@@ -160,17 +161,17 @@ fn validate_settings(
     runtime::problems(databases, dbha, vendors.unwrap_or(&none))
 }
 
-/// The aliases these settings watch (none if they are invalid): without
-/// starting a checker.
+/// The groups these settings define, each with its aliases in priority
+/// order (none if the settings are invalid): without starting a checker.
 #[pyfunction]
 #[pyo3(signature = (databases, dbha, vendors=None))]
-fn watched_aliases(
+fn watched_groups(
     databases: &Bound<'_, PyAny>,
     dbha: &Bound<'_, PyAny>,
     vendors: Option<&Bound<'_, PyAny>>,
-) -> Vec<String> {
+) -> Vec<(String, Vec<String>)> {
     let none = databases.py().None().into_bound(databases.py());
-    runtime::watched_aliases(databases, dbha, vendors.unwrap_or(&none))
+    runtime::watched_groups(databases, dbha, vendors.unwrap_or(&none))
 }
 
 /// Scripts what every probe of `alias` finds (`dbha.testing`), until
@@ -240,6 +241,17 @@ fn begin_request(py: Python<'_>, pins: &Bound<'_, PyDict>) -> PyResult<()> {
     with_runtime(py, |runtime, thread| runtime.begin_request(thread, pins))
 }
 
+/// How long a client's reads stay pinned after it wrote, in seconds: until
+/// every standby that serves reads has replayed the write (`MAX_REPLICA_LAG`
+/// and a second for what is on its way); `None` while reads follow writes.
+#[pyfunction]
+fn pin_window(py: Python<'_>) -> PyResult<Option<f64>> {
+    with_runtime(py, |runtime, _| {
+        let reads = &runtime.config().reads;
+        Ok((reads.mode != ReadMode::Writer).then(|| reads.max_lag.as_secs_f64() + 1.0))
+    })
+}
+
 /// The request in this thread ends: the names of the groups it wrote to.
 #[pyfunction]
 fn end_request(py: Python<'_>) -> PyResult<Vec<String>> {
@@ -270,11 +282,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_writer, m)?)?;
     m.add_function(wrap_pyfunction!(validate_settings, m)?)?;
     m.add_function(wrap_pyfunction!(group_status, m)?)?;
-    m.add_function(wrap_pyfunction!(watched_aliases, m)?)?;
+    m.add_function(wrap_pyfunction!(watched_groups, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(clear_simulation, m)?)?;
     m.add_function(wrap_pyfunction!(follow_log_level, m)?)?;
     m.add_function(wrap_pyfunction!(begin_request, m)?)?;
     m.add_function(wrap_pyfunction!(end_request, m)?)?;
+    m.add_function(wrap_pyfunction!(pin_window, m)?)?;
     Ok(())
 }

@@ -162,19 +162,33 @@ impl ThreadReads {
         }
     }
 
-    /// This thread's state for `runtime`, which replaces `previous`: the
-    /// `transaction.atomic()` blocks still open (settings may change inside
-    /// one, as in a test) stay counted, by alias.
-    fn succeeding(runtime: &Runtime, previous: Option<&Current>) -> Self {
+    /// This thread's state for `runtime`. With replica reads, it starts
+    /// from the transactions the thread has open now, as Django's
+    /// connections know them: they may have opened before dbha started, in
+    /// the parent before a fork, or under other settings.
+    fn for_thread(py: Python<'_>, runtime: &Runtime) -> Self {
         let reads = Self::new(runtime);
-        if let Some(previous) = previous {
-            for (node, depth) in previous.reads.atomic.iter().enumerate() {
-                let alias = &previous.runtime.config().nodes[node].alias;
-                if let Some(now) = runtime.node_index(alias) {
-                    reads.atomic[now].set(depth.get());
-                    reads.manual[now].set(previous.reads.manual[node].get());
+        if runtime.pins.is_none() {
+            return reads;
+        }
+        let aliases: Vec<&str> = runtime
+            .config()
+            .nodes
+            .iter()
+            .map(|node| node.alias.as_str())
+            .collect();
+        let open = py
+            .import("dbha.transactions")
+            .and_then(|module| module.call_method1("open_transactions", (aliases,)))
+            .and_then(|open| open.extract::<Vec<(u32, bool)>>());
+        match open {
+            Ok(open) => {
+                for (node, (depth, manual)) in open.into_iter().enumerate().take(reads.atomic.len()) {
+                    reads.atomic[node].set(depth);
+                    reads.manual[node].set(manual);
                 }
             }
+            Err(e) => e.write_unraisable(py, None),
         }
         reads
     }
@@ -495,15 +509,19 @@ fn with_current<R>(
         };
         // Read after the start, which may have bumped it.
         let epoch = EPOCH.load(Ordering::Acquire);
+        let same = current
+            .try_borrow()
+            .is_ok_and(|c| c.as_ref().is_some_and(|c| Arc::ptr_eq(&c.runtime, &runtime)));
+        // Made before the borrow below: it runs Python code.
+        let fresh = (!same).then(|| ThreadReads::for_thread(py, &runtime));
         if let Ok(mut cached) = current.try_borrow_mut() {
-            match cached.as_mut() {
+            match (cached.as_mut(), fresh) {
                 // The same runtime: keep this thread's state (its writes).
-                Some(cached) if Arc::ptr_eq(&cached.runtime, &runtime) => cached.epoch = epoch,
-                previous => {
-                    let reads = ThreadReads::succeeding(&runtime, previous.as_deref());
+                (Some(cached), None) => cached.epoch = epoch,
+                (_, reads) => {
                     *cached = Some(Current {
                         epoch,
-                        reads,
+                        reads: reads.unwrap_or_else(|| ThreadReads::new(&runtime)),
                         runtime: Arc::clone(&runtime),
                     });
                 }
@@ -514,7 +532,7 @@ fn with_current<R>(
                 return f(&cached.runtime, &cached.reads).map(Some);
             }
         }
-        f(&runtime, &ThreadReads::new(&runtime)).map(Some)
+        f(&runtime, &ThreadReads::for_thread(py, &runtime)).map(Some)
     })
 }
 
@@ -635,15 +653,23 @@ pub fn problems(
     }
 }
 
-/// The aliases these settings watch; none if they are invalid.
-pub fn watched_aliases(
+/// The groups and their aliases these settings watch, in order; none if
+/// they are invalid.
+pub fn watched_groups(
     databases: &Bound<'_, PyAny>,
     dbha: &Bound<'_, PyAny>,
     vendors: &Bound<'_, PyAny>,
-) -> Vec<String> {
+) -> Vec<(String, Vec<String>)> {
     validate(databases, dbha, vendors).map_or_else(
         |_| Vec::new(),
-        |config| config.nodes.into_iter().map(|node| node.alias).collect(),
+        |config| {
+            let alias = |i: usize| config.nodes[i].alias.clone();
+            config
+                .groups
+                .iter()
+                .map(|group| (group.name.clone(), group.members.clone().map(alias).collect()))
+                .collect()
+        },
     )
 }
 

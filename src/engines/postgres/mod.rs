@@ -26,6 +26,12 @@ use session::{ssl_request_answer, startup_message, Connection, SSL_REQUEST};
 /// the name of the WAL file it writes. The position is the primary's WAL
 /// insert location (past every commit made so far, also asynchronous ones) or
 /// the standby's replay location, in bytes. PostgreSQL 10 or later.
+///
+/// An insert location right after a page header (24 bytes into a page, 40
+/// into a segment) is where the next record will go, past a header nothing
+/// has been written after: it counts as the page's start, where a standby
+/// that replayed everything stands. Otherwise an idle primary (after a WAL
+/// switch, say) would look ahead of every standby for good.
 const ROLE_QUERY: &str = "\
 SELECT standby,
        CASE WHEN NOT standby THEN 0
@@ -36,8 +42,14 @@ SELECT standby,
        CASE WHEN NOT standby
             THEN ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
        END,
-       CASE WHEN standby THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END
-         - '0/0'::pg_lsn
+       CASE WHEN standby THEN pg_last_wal_replay_lsn() - '0/0'::pg_lsn
+            ELSE (SELECT CASE WHEN at % page = 24 OR at % segment = 40 THEN at - at % page
+                              ELSE at END
+                  FROM (SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS at,
+                               current_setting('wal_block_size')::numeric AS page,
+                               pg_size_bytes(current_setting('wal_segment_size')) AS segment)
+                       AS wal)
+       END
 FROM (SELECT pg_is_in_recovery() AS standby) AS recovery";
 
 /// How long dropping a session may spend saying goodbye.
