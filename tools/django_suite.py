@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import django
 
@@ -99,6 +100,8 @@ class SuiteRun:
     errors: dict[str, str]
     seconds: float
     log_file: Path
+    #: dbha.status() at the end of the run, per alias (None: no dbha).
+    dbha_nodes: list[dict[str, Any]] | None = None
 
     def counts(self) -> dict[str, collections.Counter[str]]:
         """Per app, how many tests had each outcome."""
@@ -116,6 +119,11 @@ class SuiteRun:
             app_of(test) in wanted and o not in ("passed", "skipped", "expected failure")
             for test, o in self.outcomes.items()
         )
+
+
+def apps_for(reads: str | None, apps: Iterable[str] = APPS) -> list[str]:
+    """The apps of `apps` that a run with `reads` can be expected to pass."""
+    return [app for app in apps if reads != "replicas" or app in REPLICA_APPS]
 
 
 def app_of(test_id: str) -> str:
@@ -200,8 +208,8 @@ def run_suite(
         with log_file.open("w") as out:
             exit_code = _run_bounded(cmd, tests_dir, env, out, timeout)
         seconds = time.monotonic() - began
-        outcomes, errors = _read_outcomes(outcomes_file)
-    return SuiteRun(label, tuple(apps), exit_code, outcomes, errors, seconds, log_file)
+        outcomes, errors, nodes = _read_outcomes(outcomes_file)
+    return SuiteRun(label, tuple(apps), exit_code, outcomes, errors, seconds, log_file, nodes)
 
 
 def _run_bounded(
@@ -229,17 +237,24 @@ def _run_bounded(
             proc.wait(10)
 
 
-def _read_outcomes(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def _read_outcomes(
+    path: Path,
+) -> tuple[dict[str, str], dict[str, str], list[dict[str, Any]] | None]:
     outcomes: dict[str, list[str]] = collections.defaultdict(list)
     errors: dict[str, str] = {}
+    nodes = None
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
+            if "dbha" in record:
+                nodes = record["dbha"]
+                continue
             outcomes[record["test"]].append(record["outcome"])
             if "error" in record:
                 errors.setdefault(record["test"], record["error"])
     # A test can fail and then error in tearDown: keep both.
-    return {test: "+".join(sorted(set(o))) for test, o in outcomes.items()}, errors
+    merged = {test: "+".join(sorted(set(o))) for test, o in outcomes.items()}
+    return merged, errors, nodes
 
 
 # --- comparison --------------------------------------------------------------------------------
@@ -274,6 +289,12 @@ def summary(runs: Sequence[SuiteRun]) -> str:
     for run in runs:
         code = "killed at timeout" if run.exit_code is None else f"exit {run.exit_code}"
         lines.append(f"{run.label}: {code}, {run.seconds:.1f} s, log {run.log_file}")
+        if run.dbha_nodes is not None:
+            nodes = [
+                f"{n['alias']} {n['role']} {n['state']}" + (" (writer)" if n["writer"] else "")
+                for n in run.dbha_nodes
+            ]
+            lines.append(f"  dbha at the end: {', '.join(nodes)}")
         for app, counts in sorted(run.counts().items()):
             shown = [f"{counts[o]} {o}" for o in OUTCOMES if counts[o]]
             shown += [f"{n} {o}" for o, n in sorted(counts.items()) if o not in OUTCOMES]
@@ -295,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [baseline]
     diffs: dict[str, list[str]] = {}
     for reads in args.reads or ["writer"]:
-        apps = [a for a in args.apps if reads != "replicas" or a in REPLICA_APPS]
-        run = run_suite(reads, apps, timeout=args.timeout)
+        run = run_suite(reads, apps_for(reads, args.apps), timeout=args.timeout)
         runs.append(run)
         diffs[run.label] = differences(baseline, run)
     print(summary(runs))

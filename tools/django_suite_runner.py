@@ -18,6 +18,13 @@ from django.test.runner import DiscoverRunner
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 
 
+def _append(record: dict[str, Any]) -> None:
+    # Opened per record: a run killed at its timeout still leaves every
+    # outcome so far.
+    with open(os.environ["DBHA_SUITE_OUTCOMES"], "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")
+
+
 class RecordingResult(unittest.TextTestResult):
     """unittest's console result (the `-v 2` lines are unchanged), plus the
     outcome file. Under `--parallel` the workers' events are replayed on
@@ -29,11 +36,7 @@ class RecordingResult(unittest.TextTestResult):
             # Enough to tell one cause from another; the log has the traceback.
             text = str(err[1]).strip().splitlines()
             record["error"] = f"{err[0].__name__}: {text[0] if text else ''}"[:300]
-        line = json.dumps(record)
-        # Opened per record: a run killed at its timeout still leaves every
-        # outcome so far.
-        with open(os.environ["DBHA_SUITE_OUTCOMES"], "a", encoding="utf-8") as out:
-            out.write(line + "\n")
+        _append(record)
 
     def addSuccess(self, test: unittest.TestCase) -> None:
         super().addSuccess(test)
@@ -86,6 +89,18 @@ class RecordingRunner(DiscoverRunner):
         if config.get("READS", "writer") != "writer":
             _await_replica_reads(list(config.get("GROUPS", [None])))
         return old_config
+
+    def teardown_databases(self, old_config: Any, **kwargs: Any) -> None:
+        if "dbha.ModelDatabaseRouter" in settings.DATABASE_ROUTERS:
+            # What dbha saw at the end: evidence that it watched the run.
+            import dbha
+
+            nodes = [
+                {"alias": n.alias, "role": n.role, "state": n.state, "writer": n.is_writer}
+                for n in dbha.status()
+            ]
+            _append({"dbha": nodes})
+        super().teardown_databases(old_config, **kwargs)
 
 
 def _await_replica_reads(groups: list[str | None]) -> None:
