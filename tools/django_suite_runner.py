@@ -9,13 +9,13 @@ import json
 import os
 import time
 import unittest
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.test.runner import DiscoverRunner
 
-_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+if TYPE_CHECKING:
+    from _typeshed import OptExcInfo as _ExcInfo
 
 
 def _append(record: dict[str, Any]) -> None:
@@ -32,7 +32,7 @@ class RecordingResult(unittest.TextTestResult):
 
     def _record(self, test: Any, outcome: str, err: _ExcInfo | None = None) -> None:
         record = {"test": test.id(), "outcome": outcome}
-        if err is not None:
+        if err is not None and err[0] is not None:
             # Enough to tell one cause from another; the log has the traceback.
             text = str(err[1]).strip().splitlines()
             record["error"] = f"{err[0].__name__}: {text[0] if text else ''}"[:300]
@@ -69,7 +69,7 @@ class RecordingResult(unittest.TextTestResult):
         # A passing subtest is not reported on its own (unittest does the
         # same); a failing one makes its test report neither success nor
         # failure, so the subtest's line is the only trace of it.
-        if err is not None:
+        if err is not None and err[0] is not None:
             failed = issubclass(err[0], test.failureException)
             self._record(subtest, "failed" if failed else "error", err)
 
