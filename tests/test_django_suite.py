@@ -14,8 +14,8 @@ from django_suite import APPS, MODES, SuiteRun, apps_for, differences, run_suite
 KNOWN_DEFECTS = {
     "replicas": (
         "DatabaseOperationForbidden: Database queries to 'failover1' are not allowed",
-        "a --parallel worker is a fork(): transaction.atomic() blocks it opens before "
-        "its first router call are not counted, so reads inside them go to the standby",
+        "transaction.atomic() blocks that a process opens before its first dbha call "
+        "(a --parallel worker: a fork) are not counted, so reads inside them go to the standby",
     ),
 }
 
@@ -34,7 +34,7 @@ def baseline() -> SuiteRun:
 def test_the_suite_gives_the_same_results_through_dbha(baseline: SuiteRun, reads: str) -> None:
     run = run_suite(reads, apps_for(reads))
     report = summary([baseline, run])
-    # dbha watched the servers all along and knew them for what they are.
+    # dbha watched the servers, and at the end knew them for what they are.
     assert run.dbha_nodes == [
         {"alias": "default", "role": "primary", "state": "up", "writer": True},
         {"alias": "failover1", "role": "standby", "state": "up", "writer": False},
