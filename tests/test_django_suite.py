@@ -7,19 +7,6 @@ from __future__ import annotations
 import pytest
 from django_suite import APPS, MODES, SuiteRun, apps_for, differences, run_suite, summary
 
-#: A dbha defect that makes a mode differ from the baseline, known by the
-#: error of the tests it fails. Until the defect is fixed those tests (and
-#: only those) make the mode an expected failure that lists them; then
-#: delete the entry, and the mode must equal the baseline.
-KNOWN_DEFECTS = {
-    "replicas": (
-        "DatabaseOperationForbidden: Database queries to 'failover1' are not allowed",
-        "transaction.atomic() blocks that a process opens before its first dbha call "
-        "(a --parallel worker: a fork) are not counted, so reads inside them go to the standby",
-    ),
-}
-
-
 @pytest.fixture(scope="module")
 def baseline() -> SuiteRun:
     """All the apps without a router: once, for every mode to compare with."""
@@ -40,12 +27,4 @@ def test_the_suite_gives_the_same_results_through_dbha(baseline: SuiteRun, reads
         {"alias": "failover1", "role": "standby", "state": "up", "writer": False},
     ], report
     found = differences(baseline, run)
-    symptom, defect = KNOWN_DEFECTS.get(reads, (None, ""))
-    known = [line for line in found if symptom and symptom in line]
-    # The exit code differs with them, and for no other reason.
-    other = [line for line in found if line not in known]
-    if known:
-        other = [line for line in other if not line.startswith("runtests.py exit code")]
-    assert not other, report + "\n" + "\n".join(found)
-    if known:
-        pytest.xfail(f"known dbha defect: {defect}:\n" + "\n".join(known))
+    assert not found, report + "\n" + "\n".join(found)

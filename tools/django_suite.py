@@ -194,7 +194,9 @@ def run_suite(
         settings_dir = Path(tmp)
         (settings_dir / "dbha_suite_settings.py").write_text(_settings_module(cluster, reads))
         outcomes_file = settings_dir / "outcomes.jsonl"
-        path = [str(settings_dir), str(TOOLS), *filter(None, [os.environ.get("PYTHONPATH")])]
+        # Absolute: runtests.py runs in the sdist's tests directory.
+        inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        path = [str(settings_dir), str(TOOLS), *(str(Path(p).resolve()) for p in inherited if p)]
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(path),
