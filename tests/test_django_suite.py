@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from django_suite import APPS, MODES, SuiteRun, apps_for, differences, run_suite, summary
 
+
 @pytest.fixture(scope="module")
 def baseline() -> SuiteRun:
     """All the apps without a router: once, for every mode to compare with."""
