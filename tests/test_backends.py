@@ -5,6 +5,7 @@ and report server failures (not the application's errors) to dbha."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ import dbha
 from dbha.backends.mysql.base import DatabaseWrapper as MySqlWrapper
 from dbha.backends.postgresql.base import DatabaseWrapper as PgWrapper
 from localdb import MariaDbServer, free_port
-from tests.conftest import MARIADB_PORT, PG_PORTS, Cluster, pg_settings, wait_for
+from tests.conftest import PG_PORTS, Cluster, pg_settings, wait_for
 from tests.testapp.models import Item
 from tests.workload import status
 
@@ -225,6 +226,31 @@ def test_a_killed_primary_fails_fast_after_one_refused_connect(
             dbha.available_db()
 
 
+def test_a_report_never_replaces_the_database_error(
+    reports: list[str], caplog: pytest.LogCaptureFixture, django_db_blocker: Any
+) -> None:
+    """A refused connect (nothing listens on the port) reported with broken
+    DBHA settings, and for an alias dbha does not watch: the application
+    sees the driver's error; the log has no password."""
+    password = "pw-never-logged"
+    refused = pg_settings(free_port(), ENGINE=PG_ENGINE, PASSWORD=password)
+    caplog.set_level(logging.DEBUG, logger="dbha")
+    with django_db_blocker.unblock(), use_databases({"default": refused, "other": refused}):
+        broken = override_settings(DBHA={"FALL": password})
+        with broken, pytest.raises(OperationalError, match="refused"):
+            connections["default"].ensure_connection()
+        assert reports == ["default"]
+        assert "could not report that 'default' failed" in caplog.text
+        assert "ImproperlyConfigured" in caplog.text
+        watching_default = override_settings(DBHA={"DATABASES": ["default"]})
+        with watching_default, pytest.raises(OperationalError, match="refused"):
+            connections["other"].ensure_connection()
+        assert reports == ["default", "other"]
+        assert "'other' failed (no SQLSTATE" in caplog.text
+        assert "dbha does not watch it" in caplog.text
+    assert password not in caplog.text
+
+
 def run_python(
     args: list[str], env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -322,7 +348,6 @@ def mariadb_app(mariadb: MariaDbServer, django_db_blocker: Any) -> Iterator[Mari
         "CREATE DATABASE app; CREATE USER app@'127.0.0.1' IDENTIFIED BY 'app-password';"
         "GRANT ALL ON app.* TO app@'127.0.0.1'"
     )
-    assert mariadb.port == MARIADB_PORT
     with django_db_blocker.unblock():
         yield mariadb
     connections.close_all()

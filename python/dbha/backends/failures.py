@@ -61,7 +61,7 @@ cannot be told from a standby's.
 InterfaceError (psycopg2's "connection already closed") never counts: it is
 the use of a connection that already failed, whose failure counted.
 
-MySQL/MariaDB (mysqlclient, or PyMySQL as MySQLdb), by error number:
+MySQL/MariaDB (mysqlclient), by error number:
 
 - client errors: 2002 and 2003 cannot connect (refused, no socket, connect
   timeout), 2005 unknown host, 2006 server gone away, 2012 handshake
