@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need when missing:
-# PostgreSQL 15 server binaries and MariaDB. Needs root (or sudo).
+# PostgreSQL 15 server binaries, MariaDB, and what building mysqlclient (the
+# MySQL driver of Django, for dbha.backends.mysql) takes. Needs root (or sudo).
 set -euo pipefail
 
 missing=()
@@ -8,6 +9,11 @@ missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb >/dev/null 2>&1 || missing+=(mariadb-client)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+# mysqlclient ships no Linux wheel: pip compiles it against libmariadb.
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+pkg-config --exists libmariadb 2>/dev/null || missing+=(libmariadb-dev)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+python3 -c 'import os, sysconfig; raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || missing+=(python3-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else

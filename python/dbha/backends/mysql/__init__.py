@@ -1,0 +1,2 @@
+"""`"ENGINE": "dbha.backends.mysql"`: Django's MySQL/MariaDB backend that
+reports server failures to dbha."""
