@@ -12,6 +12,8 @@ from typing import Any
 from dbha import _core
 
 logger = logging.getLogger("dbha")
+# A library's logger: the application decides where records go.
+logger.addHandler(logging.NullHandler())
 
 #: The `extra` fields of every record dbha logs (None where they do not
 #: apply): `event` is the kind (`node_down`...), None for other records.
