@@ -17,7 +17,10 @@ Failover scenarios: the fault at t = --steady, `failover2` promoted
     split                           kill -9, then the old primary is back
                                     un-rewound: a second primary
 
-("-unreported": failed operations do not call `dbha.report_failure()`.)
+(The application's connections go through dbha's backend,
+`dbha.backends.postgresql`, which reports failed connects, lost sessions
+and read-only errors to dbha; "-unreported": through Django's own backend,
+which reports nothing.)
 
 Replica-read scenarios, no failover: READS="replicas", MAX_REPLICA_LAG=1,
 replay paused on failover1 at t = --steady while writes go on, plus
@@ -120,7 +123,8 @@ def served_by() -> str:
 class Load:
     """Threads doing a write then a read-back of that row, and `readers`
     threads reading the newest row, each operation on a fresh connection
-    (as a request with CONN_MAX_AGE=0 would)."""
+    (as a request with CONN_MAX_AGE=0 would), through dbha's backend
+    (`report_failures`) or Django's."""
 
     model: Any
     threads: int
@@ -140,8 +144,6 @@ class Load:
             alias = result._state.db if kind == "write" else served_by()
         except Exception:
             ended = time.monotonic()
-            if self.report_failures:
-                dbha.report_failure("default")  # re-probes the alias's whole group
         finally:
             connections.close_all()
         self.operations.append(Operation(kind, started, ended, alias, ok, note, found))
@@ -149,6 +151,8 @@ class Load:
     @contextmanager
     def running(self) -> Iterator[Load]:
         stop = threading.Event()
+        engine = localdjango.REPORTING_ENGINE if self.report_failures else localdjango.PLAIN_ENGINE
+        localdjango.use_engine(engine)
 
         def worker(n: int) -> None:
             i = 0
@@ -408,7 +412,7 @@ def seconds(value: float | None) -> str:
 
 def print_failovers(rows: list[FailoverRow]) -> None:
     print(
-        "| scenario (fault) | failures reported | dbha switches after promotion "
+        "| scenario (fault) | failures reported by | dbha switches after promotion "
         "| writes resume on failover2 after promotion | failed ops "
         "| acked by a non-primary | lost: acked by the old primary after promotion began (latest) "
         "| flipped to a 2nd primary | acked, absent from failover2 "
@@ -422,7 +426,7 @@ def print_failovers(rows: list[FailoverRow]) -> None:
         if r.alive:
             lost = f"{len(r.lost)} ({seconds(max(r.lost))})" if r.lost else "0"
         print(
-            f"| {r.scenario} | {'yes' if r.report else 'no'} | {seconds(r.switched)} "
+            f"| {r.scenario} | {'dbha backend' if r.report else 'nobody'} | {seconds(r.switched)} "
             f"| {seconds(r.resume)} | {r.failed} of {r.total}{stuck} "
             f"| {r.by_non_primary} | {lost} | {r.flipped} | {r.absent} "
             f"| {percentile(r.before, 0.5) * 1000:.1f} / {p99_before * 1000:.1f} ms "

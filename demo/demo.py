@@ -76,15 +76,16 @@ def main() -> int:
                 except dbha.NoHealthyDatabase:  # dbha fails it at once: no primary
                     writes.append(Write(at, "-", False, "no healthy database"))
                 except Exception as e:  # a failed request; the app goes on
+                    # (dbha's backend has reported the failure to dbha.)
                     writes.append(Write(at, "default", False, str(e).splitlines()[0][:45]))
-                    dbha.report_failure("default")  # any alias of the group
                 finally:
                     connections.close_all()
                 time.sleep(WRITE_EVERY)
 
         handler.start = start
         print(
-            f"Writing an order every {WRITE_EVERY * 1000:.0f} ms through dbha.ModelDatabaseRouter"
+            f"Writing an order every {WRITE_EVERY * 1000:.0f} ms through dbha.ModelDatabaseRouter "
+            "and dbha's backend"
         )
         worker = threading.Thread(target=workload)
         worker.start()

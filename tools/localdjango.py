@@ -13,15 +13,21 @@ from localdb import PgCluster
 ALIASES = ("default", "failover1", "failover2")
 
 
+#: dbha's PostgreSQL backend: Django's, reporting failures to dbha.
+REPORTING_ENGINE = "dbha.backends.postgresql"
+#: Django's own: the application reports nothing.
+PLAIN_ENGINE = "django.db.backends.postgresql"
+
+
 def configure(cluster: PgCluster, dbha: dict[str, Any] | None = None) -> type[Any]:
     """Points `default`, `failover1`, `failover2` (as many as the cluster
-    has servers) at the cluster (CONN_MAX_AGE=0: a connection per request),
-    routes through dbha, creates the `Order` table on the primary and
-    returns the model."""
+    has servers) at the cluster through dbha's backend (CONN_MAX_AGE=0: a
+    connection per request), routes through dbha, creates the `Order` table
+    on the primary and returns the model."""
     settings.configure(
         DATABASES={
             alias: {
-                "ENGINE": "django.db.backends.postgresql",
+                "ENGINE": REPORTING_ENGINE,
                 "HOST": "127.0.0.1",
                 "PORT": server.port,
                 "NAME": "postgres",
@@ -57,3 +63,10 @@ def create_table(cluster: PgCluster, model: type[Any]) -> None:
         editor.create_model(model)
     connections.close_all()
     cluster.wait_replayed()
+
+
+def use_engine(engine: str) -> None:
+    """Every alias uses `engine` in threads that connect from now on
+    (Django makes a connection object per thread from these settings)."""
+    for entry in settings.DATABASES.values():
+        entry["ENGINE"] = engine

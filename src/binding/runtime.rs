@@ -183,7 +183,8 @@ impl ThreadReads {
             .and_then(|open| open.extract::<Vec<(u32, bool)>>());
         match open {
             Ok(open) => {
-                for (node, (depth, manual)) in open.into_iter().enumerate().take(reads.atomic.len()) {
+                for (node, (depth, manual)) in open.into_iter().enumerate().take(reads.atomic.len())
+                {
                     reads.atomic[node].set(depth);
                     reads.manual[node].set(manual);
                 }
@@ -509,9 +510,10 @@ fn with_current<R>(
         };
         // Read after the start, which may have bumped it.
         let epoch = EPOCH.load(Ordering::Acquire);
-        let same = current
-            .try_borrow()
-            .is_ok_and(|c| c.as_ref().is_some_and(|c| Arc::ptr_eq(&c.runtime, &runtime)));
+        let same = current.try_borrow().is_ok_and(|c| {
+            c.as_ref()
+                .is_some_and(|c| Arc::ptr_eq(&c.runtime, &runtime))
+        });
         // Made before the borrow below: it runs Python code.
         let fresh = (!same).then(|| ThreadReads::for_thread(py, &runtime));
         if let Ok(mut cached) = current.try_borrow_mut() {
@@ -667,7 +669,12 @@ pub fn watched_groups(
             config
                 .groups
                 .iter()
-                .map(|group| (group.name.clone(), group.members.clone().map(alias).collect()))
+                .map(|group| {
+                    (
+                        group.name.clone(),
+                        group.members.clone().map(alias).collect(),
+                    )
+                })
                 .collect()
         },
     )
