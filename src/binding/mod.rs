@@ -248,7 +248,7 @@ fn begin_request(py: Python<'_>, pins: &Bound<'_, PyDict>) -> PyResult<()> {
 fn pin_window(py: Python<'_>) -> PyResult<Option<f64>> {
     with_runtime(py, |runtime, _| {
         let reads = &runtime.config().reads;
-        Ok((reads.mode != ReadMode::Writer).then(|| reads.max_lag.as_secs_f64() + 1.0))
+        Ok((reads.mode != ReadMode::Writer).then_some(reads.max_lag.as_secs_f64() + 1.0))
     })
 }
 
