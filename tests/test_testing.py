@@ -58,6 +58,9 @@ def test_no_writer_raises_as_configured() -> None:
 
 
 def test_an_unknown_alias_is_a_clear_error() -> None:
-    with override_settings(DATABASES=NOWHERE, DBHA=TEST_DBHA), simulated_cluster() as cluster:
-        with pytest.raises(ValueError, match="does not watch alias 'nope'"):
-            cluster.kill("nope")
+    with (
+        override_settings(DATABASES=NOWHERE, DBHA=TEST_DBHA),
+        simulated_cluster() as cluster,
+        pytest.raises(ValueError, match="does not watch alias 'nope'"),
+    ):
+        cluster.kill("nope")
