@@ -137,16 +137,16 @@ def access_rule(value: object) -> AccessRule | None:
         from django.utils.module_loading import import_string
 
         try:
-            value = import_string(value)
+            target: object = import_string(value)
         except Exception as e:
             raise ImproperlyConfigured(
                 f"dbha: {ACCESS_KEY} = {value!r}: cannot be imported ({e})"
             ) from e
-        if not callable(value):
+        if not callable(target):
             raise ImproperlyConfigured(
-                f"dbha: {ACCESS_KEY} = {value!r}: names {type(value).__name__!r}, not a callable"
+                f"dbha: {ACCESS_KEY} = {value!r}: names {type(target).__name__!r}, not a callable"
             )
-        return value
+        return target
     if callable(value):
         return value
     raise ImproperlyConfigured(
