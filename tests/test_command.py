@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import threading
 import time
 from datetime import datetime
 from io import StringIO
+from typing import TextIO
 
 import pytest
 from django.core.management import get_commands
@@ -146,6 +148,79 @@ def test_json_of_a_group_without_writer(cluster: Cluster) -> None:
     assert (group["healthy"], group["route"], group["writer"]) == (False, "no_writer", None)
     assert group["nodes"][0]["last_error"] == "connection refused"
     assert group["nodes"][0]["probe_errors"]["refused"] >= 1
+
+    # The application reports the last writer failing too: requests fail.
+    dbha.report_failure("default")
+    wait_for(lambda: dbha.group_status()[0].route == "failing", what="the group failing")
+    code, out, _ = run("status")
+    assert code == 1
+    assert out.splitlines()[0] == (
+        "group default: FAILING (no writer; requests fail at once) "
+        "| writer: none (last: default) | readers: none"
+    )
+    code, out, _ = run("status", "--json")
+    group = json.loads(out)["groups"]["default"]
+    assert (code, group["route"], group["nodes"][0]["reports"]) == (1, "failing", 1)
+
+
+def test_the_exit_code_covers_the_groups_shown(cluster: Cluster) -> None:
+    # failover2 alone: a standby, never a writer.
+    groups = {"main": ["default", "failover1"], "spare": ["failover2"]}
+    with override_settings(DBHA={**TEST_DBHA, "GROUPS": groups}):
+        code, out, err = run("status")
+        assert code == 1
+        assert err == "CommandError: dbha: no writer in 'spare'\n"
+        lines = out.splitlines()
+        assert lines[0].startswith("group main: healthy | writer: default")
+        assert "" in lines, "a blank line between groups"
+        assert lines[lines.index("") + 1] == (
+            "group spare: NO WRITER | writer: none (last: failover2) | readers: none"
+        )
+        assert run("status", "--group", "main")[0] == 0
+        assert run("check", "--group", "main")[0] == 0
+        assert run("check", "--group", "spare")[0] == 1
+
+
+def test_colours_only_on_request_and_columns_stay(cluster: Cluster) -> None:
+    plain = run("status")[1]
+    assert "\x1b[" not in plain
+    code, coloured, _ = run("--force-color", "status")
+    assert code == 0
+    assert "\x1b[" in coloured
+    assert normalise(re.sub(r"\x1b\[[0-9;]*m", "", coloured)) == HEALTHY
+
+
+def test_watch_redraws_in_place_on_a_terminal(cluster: Cluster) -> None:
+    master, replica = os.openpty()
+    try:
+        with os.fdopen(replica, "w", closefd=False) as terminal:
+            code = run_on(terminal, "status", "--watch", "--count", "2", "--interval", "0.05")
+        assert code == 0
+        screen = read_available(master)
+    finally:
+        os.close(master)
+        os.close(replica)
+    assert screen.count("\x1b[H\x1b[2J") == 2
+    assert screen.count("group default: ") == 2
+
+
+def run_on(terminal: TextIO, *argv: str) -> int:
+    try:
+        Command(stdout=terminal).run_from_argv(["manage.py", "dbha", *argv])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def read_available(fd: int) -> str:
+    """What a terminal received so far (bounded: a few KB, a few reads)."""
+    chunks = []
+    for _ in range(100):
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if not ready:
+            break
+        chunks.append(os.read(fd, 65536))
+    return b"".join(chunks).decode()
 
 
 def test_misconfigured_settings_exit_2_with_dbhas_message(cluster: Cluster) -> None:

@@ -136,14 +136,17 @@ def table(groups: list[GroupStatus], style: Style, now: datetime) -> list[str]:
         for i, (header, _, least) in enumerate(COLUMNS)
     ]
 
+    last = len(COLUMNS) - 1
+
     def line(values: list[str], paint: Callable[[int, str], str]) -> str:
+        # The last column is not padded: no trailing blanks inside colours.
         padded = [
-            paint(i, f"{value:{align}{width}}")
+            paint(i, value if i == last else f"{value:{align}{width}}")
             for i, (value, (_, align, _), width) in enumerate(
                 zip(values, COLUMNS, widths, strict=True)
             )
         ]
-        return (INDENT + GAP.join(padded)).rstrip()
+        return INDENT + GAP.join(padded)
 
     lines: list[str] = []
     for group in groups:
