@@ -68,7 +68,7 @@ group default: healthy | writer: default | readers: default (the writer)
 """
 
 NO_WRITER = """\
-group default: NO WRITER | writer: none (last: default) | readers: none
+group default: NO WRITER (last writer: default) | readers: none
   ALIAS      ENDPOINT         STATE    ROLE     TL     LAG   LATENCY  SINCE
   default    127.0.0.1:PPPPP  down     primary   1     # s      # ms  # s ago
     last error: connection refused
@@ -155,8 +155,7 @@ def test_json_of_a_group_without_writer(cluster: Cluster) -> None:
     code, out, _ = run("status")
     assert code == 1
     assert out.splitlines()[0] == (
-        "group default: FAILING (no writer; requests fail at once) "
-        "| writer: none (last: default) | readers: none"
+        "group default: NO WRITER, FAILING FAST (last writer: default) | readers: none"
     )
     code, out, _ = run("status", "--json")
     group = json.loads(out)["groups"]["default"]
@@ -165,20 +164,24 @@ def test_json_of_a_group_without_writer(cluster: Cluster) -> None:
 
 def test_the_exit_code_covers_the_groups_shown(cluster: Cluster) -> None:
     # failover2 alone: a standby, never a writer.
-    groups = {"main": ["default", "failover1"], "spare": ["failover2"]}
+    spare = "spare-standby-that-never-takes-writes"
+    groups = {"main": ["default", "failover1"], spare: ["failover2"]}
     with override_settings(DBHA={**TEST_DBHA, "GROUPS": groups}):
         code, out, err = run("status")
         assert code == 1
-        assert err == "CommandError: dbha: no writer in 'spare'\n"
+        assert err == f"CommandError: dbha: no writer in '{spare}'\n"
+        assert_fits_80_columns(out)
         lines = out.splitlines()
-        assert lines[0].startswith("group main: healthy | writer: default")
+        assert lines[0] == "group main: healthy | writer: default | readers: default (the writer)"
         assert "" in lines, "a blank line between groups"
-        assert lines[lines.index("") + 1] == (
-            "group spare: NO WRITER | writer: none (last: failover2) | readers: none"
-        )
+        # Too long for one line: the readers on the next.
+        assert lines[lines.index("") + 1 :][:2] == [
+            f"group {spare}: NO WRITER (last writer: failover2)",
+            "  readers: none",
+        ]
         assert run("status", "--group", "main")[0] == 0
         assert run("check", "--group", "main")[0] == 0
-        assert run("check", "--group", "spare")[0] == 1
+        assert run("check", "--group", spare)[0] == 1
 
 
 def test_colours_only_on_request_and_columns_stay(cluster: Cluster) -> None:

@@ -93,22 +93,24 @@ def cells(node: NodeStatus, now: datetime) -> list[str]:
     ]
 
 
-def group_line(group: GroupStatus, style: Style) -> str:
+def group_lines(group: GroupStatus, style: Style) -> list[str]:
+    """The group's verdict, writer and readers: one line, or two when that
+    would pass the terminal's width."""
     if group.healthy:
-        verdict = style.SUCCESS("healthy")
-        writer = f"writer: {group.writer}"
+        verdict, paint, writer = "healthy", style.SUCCESS, f" | writer: {group.writer}"
     else:
-        verdict = style.ERROR(
-            "FAILING (no writer; requests fail at once)"
-            if group.route == "failing"
-            else "NO WRITER"
-        )
-        writer = f"writer: none (last: {group.last_writer or '-'})"
+        # "failing": the application reported the last writer failing and
+        # the probes agree, so requests fail at once instead of waiting.
+        verdict = "NO WRITER, FAILING FAST" if group.route == "failing" else "NO WRITER"
+        paint, writer = style.ERROR, f" (last writer: {group.last_writer or '-'})"
     if group.readers:
-        readers = ", ".join(group.readers)
+        readers = "readers: " + ", ".join(group.readers)
     else:
-        readers = f"{group.writer} (the writer)" if group.writer else "none"
-    return f"group {group.name}: {verdict} | {writer} | readers: {readers}"
+        readers = f"readers: {group.writer} (the writer)" if group.writer else "readers: none"
+    head = f"group {group.name}: "
+    if len(head + verdict + writer + " | " + readers) <= WIDTH:
+        return [head + paint(verdict) + writer + " | " + readers]
+    return [head + paint(verdict) + writer, INDENT + readers]
 
 
 def notes(node: NodeStatus) -> list[str]:
@@ -152,7 +154,7 @@ def table(groups: list[GroupStatus], style: Style, now: datetime) -> list[str]:
     for group in groups:
         if lines:
             lines.append("")
-        lines.append(group_line(group, style))
+        lines.extend(group_lines(group, style))
         lines.append(line([h for h, _, _ in COLUMNS], lambda _, text: style.MIGRATE_HEADING(text)))
         for node in group.nodes:
             state_style = {"up": style.SUCCESS, "down": style.ERROR}.get(node.state, style.WARNING)
@@ -218,12 +220,11 @@ class Command(BaseCommand):
         self.paint = self.style if colour else no_style()
         self.as_json: bool = options["json"]
         group: str | None = options["group"]
-        if options["action"] == "check":
-            self.fetch(group, probe=True)
-            return self.show(group)
-        if not options["watch"]:
-            return self.show(group)
-        return self.watch(group, options["interval"], options["count"])
+        if options["action"] == "status" and options["watch"]:
+            return self.watch(group, options["interval"], options["count"])
+        groups = self.fetch(group, probe=options["action"] == "check")
+        self.write_status(groups, indent=2)
+        self.exit_for(groups)
 
     def fetch(self, group: str | None, probe: bool = False) -> list[GroupStatus]:
         """The status (after a probe round if `probe`); exit 2 for invalid
@@ -236,11 +237,6 @@ class Command(BaseCommand):
             if self.as_json:
                 self.stdout.write(json.dumps(report.error_document(str(e)), indent=2))
             raise CommandError(str(e), returncode=MISCONFIGURED) from e
-
-    def show(self, group: str | None) -> None:
-        groups = self.fetch(group)
-        self.print(groups, indent=2)
-        self.exit_for(groups)
 
     def watch(self, group: str | None, interval: float, count: int | None) -> None:
         # A terminal gets the table redrawn in place; a pipe or a file gets
@@ -258,11 +254,12 @@ class Command(BaseCommand):
                 elif frames and not self.as_json:
                     self.stdout.write("")
                 if not self.as_json:
-                    moment = django_timezone.localtime().strftime("%Y-%m-%d %H:%M:%S")
+                    now = django_timezone.localtime(datetime.now(timezone.utc))
+                    moment = now.strftime("%Y-%m-%d %H:%M:%S")
                     self.stdout.write(
                         f"dbha status at {moment}, every {interval:g} s (Ctrl-C ends)"
                     )
-                self.print(groups, indent=None)
+                self.write_status(groups, indent=None)
                 self.stdout.flush()
                 frames += 1
         except KeyboardInterrupt:
@@ -271,7 +268,7 @@ class Command(BaseCommand):
             raise CommandError("dbha: interrupted before the first status", returncode=UNHEALTHY)
         self.exit_for(groups)
 
-    def print(self, groups: list[GroupStatus], indent: int | None) -> None:
+    def write_status(self, groups: list[GroupStatus], indent: int | None) -> None:
         if self.as_json:
             self.stdout.write(json.dumps(report.document(groups), indent=indent))
         else:
