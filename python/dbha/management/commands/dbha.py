@@ -186,7 +186,9 @@ class Command(BaseCommand):
             help="Show the status as the checker last saw it.",
             description="Show the status as the checker last saw it.",
         )
-        self.add_common_arguments(status)
+        self.add_common_arguments(
+            status, "Print one JSON document (with --watch: one per line, per redraw)."
+        )
         status.add_argument(
             "--watch", action="store_true", help="Redraw the status until interrupted (Ctrl-C)."
         )
@@ -204,16 +206,12 @@ class Command(BaseCommand):
             help="Probe now, wait for the result, then show the status.",
             description="Probe now, wait for the result, then show the status.",
         )
-        self.add_common_arguments(check)
+        self.add_common_arguments(check, "Print one JSON document.")
 
     @staticmethod
-    def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    def add_common_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
         parser.add_argument("--group", metavar="G", help="Only this group (default: every group).")
-        parser.add_argument(
-            "--json",
-            action="store_true",
-            help="Print one JSON document (one per line with --watch).",
-        )
+        parser.add_argument("--json", action="store_true", help=json_help)
 
     def handle(self, *args: Any, **options: Any) -> None:
         colour = options["force_color"] or (not options["no_color"] and self.stdout.isatty())
