@@ -240,6 +240,14 @@ def test_misconfigured_settings_exit_2_with_dbhas_message(cluster: Cluster) -> N
         assert 'DBHA["FALL"] = 0' in document["error"]
         code, _, err = run("check")
         assert code == 2
+    # A message about credentials names the key, never the password (run()
+    # checks every output for it).
+    credentials = {"nope": {"USER": "monitor", "PASSWORD": SECRET}}
+    with override_settings(DBHA={**TEST_DBHA, "PROBE_CREDENTIALS": credentials}):
+        code, out, err = run("status", "--json")
+        assert code == 2
+        assert 'DBHA["PROBE_CREDENTIALS"]["nope"]' in err
+        assert 'DBHA["PROBE_CREDENTIALS"]["nope"]' in json.loads(out)["error"]
     code, _, err = run("status", "--group", "nope")
     assert code == 2
     assert "unknown dbha group 'nope'" in err

@@ -219,14 +219,29 @@ def test_only_get_and_head(site: None, method: str) -> None:
     assert response["Allow"] == "GET, HEAD"
 
 
-def test_misconfigured_settings_answer_503(site: None) -> None:
-    broken = {**TEST_DBHA, "FALL": 0}
-    with override_settings(DBHA={**broken, "HEALTH_VIEW_ACCESS": header_allows}):
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ({"FALL": 0}, 'DBHA["FALL"] = 0'),
+        (
+            {"PROBE_CREDENTIALS": {"nope": {"USER": "monitor", "PASSWORD": SECRET}}},
+            'DBHA["PROBE_CREDENTIALS"]["nope"]',
+        ),
+    ],
+    ids=["value", "credentials"],
+)
+def test_misconfigured_settings_answer_503(
+    site: None, caplog: pytest.LogCaptureFixture, broken: dict[str, Any], message: str
+) -> None:
+    # get() checks that no body holds the password.
+    with override_settings(DBHA={**TEST_DBHA, **broken, "HEALTH_VIEW_ACCESS": header_allows}):
         assert get(Client()) == (503, {"healthy": False, "groups": {}})
         code, body = get(Client(), allowed=True)
         assert code == 503
-        assert 'DBHA["FALL"] = 0' in body["error"]
+        assert message in body["error"]
         assert body["process"]["pid"] == os.getpid()
+    # A server error, logged as one (unlike a group without a writer).
+    assert [r.status_code for r in caplog.records if r.name == "django.request"] == [503, 503]
 
 
 def check_output(rule: Any) -> str:

@@ -34,17 +34,16 @@ class EveryAlias(set[str]):
 @transaction.non_atomic_requests
 def health(request: HttpRequest) -> JsonResponse:
     details = report.may_see_details(request)
-    body: dict[str, Any]
     try:
         groups = group_status()
     except ImproperlyConfigured as e:
-        body = report.error_document(str(e) if details else None)
-    else:
-        body = report.document(groups) if details else report.summary(groups)
+        # Logged by Django as the server error it is.
+        return JsonResponse(report.error_document(str(e) if details else None), status=503)
+    body: dict[str, Any] = report.document(groups) if details else report.summary(groups)
     response = JsonResponse(body, status=200 if body["healthy"] else 503)
-    # A 503 is the view's answer, not a server error: Django would log each
-    # one at ERROR on `django.request` (and mail the admins) for every poll
-    # of a load balancer; dbha logs the state change itself, once.
+    # A group without a writer is the view's answer, not a server error:
+    # Django would log each 503 at ERROR on `django.request` (and mail the
+    # admins) for every poll of a load balancer; dbha logs the change itself.
     response._has_been_logged = True  # type: ignore[attr-defined]
     return response
 
