@@ -49,10 +49,18 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.configure(
         DATABASES={alias: pg_settings(port) for alias, port in PG_PORTS.items()},
         DATABASE_ROUTERS=["dbha.ModelDatabaseRouter"],
-        INSTALLED_APPS=["dbha", "tests.testapp"],
+        # auth, contenttypes and sessions (signed with SECRET_KEY, as the
+        # pinning cookie is): the health view's "staff" access.
+        SECRET_KEY="dbha-tests-only",
+        INSTALLED_APPS=[
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+            "dbha",
+            "tests.testapp",
+        ],
         DBHA=TEST_DBHA,
         USE_TZ=True,
-        SECRET_KEY="dbha-tests",
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
     )
     django.setup()

@@ -15,6 +15,7 @@ class DbhaConfig(AppConfig):
         checks.register(dbha_checks.check_settings)
         checks.register(dbha_checks.check_router)
         checks.register(dbha_checks.check_connections)
+        checks.register(dbha_checks.check_health_view_access)
         try:
             from dbha import metrics
         except ImportError:

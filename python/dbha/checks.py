@@ -10,8 +10,9 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import ImproperlyConfigured
 
-from dbha import _core, conf
+from dbha import _core, conf, health
 
 ROUTER = "dbha.ModelDatabaseRouter"
 
@@ -29,6 +30,10 @@ HINTS = {
         "application's password is never sent as the monitoring user's."
     ),
     "dbha.E010": "Each alias of a failover group must name a server of its own.",
+    "dbha.E013": (
+        "Set it to None (nobody sees node details), 'staff', a callable that takes the "
+        "request and returns True for those who may, or the dotted path of one."
+    ),
     "dbha.W001": (
         "Writes fail over only when the host dies; a hung server or a promoted standby is "
         "not seen. Leave this alias out of dbha's groups if it is not a failover member."
@@ -108,6 +113,18 @@ def check_connections(app_configs: Sequence[AppConfig] | None, **kwargs: Any) ->
                 )
             )
     return messages
+
+
+def check_health_view_access(
+    app_configs: Sequence[AppConfig] | None, **kwargs: Any
+) -> list[CheckMessage]:
+    """`DBHA["HEALTH_VIEW_ACCESS"]` names a rule the health view can apply
+    (dbha.E013); the view itself shows no details while it does not."""
+    try:
+        health.access_rule(health.configured_access())
+    except ImproperlyConfigured as e:
+        return [Error(str(e), hint=HINTS["dbha.E013"], id="dbha.E013")]
+    return []
 
 
 def _is_dbha_router(router: Any) -> bool:
