@@ -216,17 +216,12 @@ def auth_cluster(cluster: Cluster) -> Iterator[Cluster]:
         encryption = "md5" if method == "md5" else "scram-sha-256"
         primary.query(f"set password_encryption = '{encryption}'; "
                       f"create user {user} password 'pw-{user}'")  # fmt: skip
-    hba = primary.datadir / "pg_hba.conf"
-    original = hba.read_text()
     lines = [f"host all {user} 127.0.0.1/32 {method}" for user, method in USERS.items()]
-    hba.write_text("\n".join(lines) + "\n" + original)
-    primary.query("select pg_reload_conf()")
     try:
-        yield cluster
+        with primary.hba_first(*lines):
+            yield cluster
     finally:
         if primary.running:
-            hba.write_text(original)
-            primary.query("select pg_reload_conf()")
             for user in USERS:
                 primary.query(f"drop user if exists {user}")
 

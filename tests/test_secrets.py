@@ -45,13 +45,6 @@ def monitored(cluster: Cluster) -> Iterator[Cluster]:
     primary = cluster.servers["default"]
     primary.query(f"create user app_user superuser password '{APP}'")
     primary.query("create user monitor password 'another-one'")
-    hba = primary.datadir / "pg_hba.conf"
-    original = hba.read_text()
-    hba.write_text(
-        "host all monitor 127.0.0.1/32 scram-sha-256\n"
-        "host all app_user 127.0.0.1/32 scram-sha-256\n" + original
-    )
-    primary.query("select pg_reload_conf()")
     cluster.pg.wait_replayed()
     databases = {
         alias: pg_settings(port, USER="app_user", PASSWORD=APP, ENGINE="dbha.backends.postgresql")
@@ -62,13 +55,12 @@ def monitored(cluster: Cluster) -> Iterator[Cluster]:
         "PROBE_CREDENTIALS": {"default": {"USER": "monitor", "PASSWORD": MONITOR}},
         "HEALTH_VIEW_ACCESS": allow_everyone,
     }
-    try:
-        with override_settings(DATABASES=databases, DBHA=settings, ROOT_URLCONF="tests.urls"):
-            yield cluster
-    finally:
-        if primary.running:
-            hba.write_text(original)
-            primary.query("select pg_reload_conf()")
+    scram = [f"host all {user} 127.0.0.1/32 scram-sha-256" for user in ("monitor", "app_user")]
+    with (
+        primary.hba_first(*scram),
+        override_settings(DATABASES=databases, DBHA=settings, ROOT_URLCONF="tests.urls"),
+    ):
+        yield cluster
 
 
 def outputs() -> list[str]:

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -456,6 +456,21 @@ class PgServer(_Server):
     def query(self, sql: str, dbname: str = "postgres", timeout: float = 10) -> str:
         """Run `sql` with psql over TCP as postgres; return unaligned tuples-only output."""
         return self._output(self._psql(sql, dbname, timeout), sql)
+
+    @contextlib.contextmanager
+    def hba_first(self, *lines: str) -> Iterator[None]:
+        """`pg_hba.conf` with `lines` ahead of its own while the block runs
+        (and the server, if still running, told of both changes)."""
+        hba = self.datadir / "pg_hba.conf"
+        original = hba.read_text()
+        hba.write_text("\n".join(lines) + "\n" + original)
+        self.query("select pg_reload_conf()")
+        try:
+            yield
+        finally:
+            hba.write_text(original)
+            if self.running:
+                self.query("select pg_reload_conf()")
 
     def in_recovery(self) -> bool:
         return self.query("select pg_is_in_recovery()") == "t"

@@ -590,6 +590,9 @@ struct InFlight {
     sent: Instant,
     /// It also checked that the node takes new sessions.
     checks_sessions: bool,
+    /// The application reported the node failing since the probe was
+    /// asked for: if the probe fails too, two independent attempts agree.
+    reported: bool,
     /// Its number among the probes of the group's writer, if it was sent to
     /// the writer (read-your-writes).
     writer_probe: Option<u64>,
@@ -772,7 +775,7 @@ impl Scheduler {
                 continue;
             }
             let check = reported[index] || self.session_check_due(index, now);
-            match self.dispatch(index, check) {
+            match self.dispatch(index, check, reported[index]) {
                 Ok(()) => waiting.push(index),
                 Err(failure) => self.record(
                     index,
@@ -883,6 +886,10 @@ impl Scheduler {
         solicited: bool,
     ) {
         let mut started = started;
+        // The server itself ended the session and a fresh connection
+        // failed; or the application reported the node failing and this
+        // probe failed too: two independent attempts agree.
+        let mut confirmed = !solicited && result.is_err();
         if solicited {
             let Some(Some(thread)) = self.probe_threads.get_mut(node) else {
                 return;
@@ -894,6 +901,11 @@ impl Scheduler {
             if let Some(in_flight) = in_flight {
                 // The lag was measured no earlier than the request was sent.
                 started = in_flight.sent;
+                if in_flight.reported && result.is_err() {
+                    confirmed = true;
+                    // Requests routed there fail at once (`Route::Failing`).
+                    self.state.reported_failing[node] = true;
+                }
                 if in_flight.checks_sessions {
                     self.sessions_suspect[node] = matches!(result, Err(Failure::NoNewSessions(_)));
                 }
@@ -905,7 +917,6 @@ impl Scheduler {
                 }
             }
         }
-        let confirmed = !solicited && result.is_err();
         self.record(
             node,
             ProbeOutcome {
@@ -933,18 +944,22 @@ impl Scheduler {
             .flat_map(|round| round.waiting.iter().copied())
             .collect();
         for node in expired {
+            let mut reported = false;
             if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
                 if !thread.busy() || thread.abandoned {
                     continue; // already recorded
                 }
                 thread.abandoned = true;
+                reported = thread.in_flight.as_ref().is_some_and(|f| f.reported);
             }
+            // A hung probe of a node the application reported failing.
+            self.state.reported_failing[node] |= reported;
             self.record(
                 node,
                 ProbeOutcome {
                     result: Err(Failure::Timeout),
                     latency: timeout,
-                    confirmed: false,
+                    confirmed: reported,
                     started: now.checked_sub(timeout).unwrap_or(now),
                 },
             );
@@ -1277,10 +1292,17 @@ impl Scheduler {
     }
 
     /// Hands a probe of `node` to its thread, starting the thread if
-    /// needed. A node whose probe is in flight is left to answer that one.
-    fn dispatch(&mut self, node: usize, check_new_sessions: bool) -> Result<(), Failure> {
-        if let Some(thread) = &self.probe_threads[node] {
-            if thread.busy() {
+    /// needed. A node whose probe is in flight is left to answer that one
+    /// (which then also answers the report, if `reported`).
+    fn dispatch(
+        &mut self,
+        node: usize,
+        check_new_sessions: bool,
+        reported: bool,
+    ) -> Result<(), Failure> {
+        if let Some(thread) = &mut self.probe_threads[node] {
+            if let Some(in_flight) = &mut thread.in_flight {
+                in_flight.reported |= reported;
                 return if thread.abandoned {
                     // Stuck past a deadline already: another timeout.
                     Err(Failure::Timeout)
@@ -1310,6 +1332,7 @@ impl Scheduler {
             thread.in_flight = Some(InFlight {
                 sent: Instant::now(),
                 checks_sessions: check_new_sessions,
+                reported,
                 writer_probe,
             });
             thread.ringer.ring();
@@ -2159,10 +2182,11 @@ mod tests {
             reason.starts_with("new connections fail (timeout)"),
             "{reason}"
         );
-        assert_eq!(writer(&checker), Route::AllDown(0));
+        // The report and the check agree: requests fail at once.
+        assert_eq!(writer(&checker), Route::Failing(0));
         // No flapping back while new sessions still fail: every probe checks.
         thread::sleep(Duration::from_millis(500));
-        assert_eq!(writer(&checker), Route::AllDown(0));
+        assert_eq!(writer(&checker), Route::Failing(0));
         script.set("a", Answer::Primary);
         let started = Instant::now();
         while writer(&checker) != Route::Healthy(0) {
@@ -2241,6 +2265,40 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(3), "not back");
             thread::sleep(Duration::from_millis(2));
         }
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_report_that_the_probe_it_triggers_confirms_fails_fast() {
+        // A stuck postmaster: the kept session answers, new connections
+        // hang. The application's connect timed out (its report), and the
+        // probe that report asks for times out on a fresh connection too.
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("CONNECT_TIMEOUT", Value::Float(0.3)),
+            ("FALL", Value::Int(1000)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(0)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        script.set("a", Answer::NoNewSessionsHang);
+        settle(&checker);
+        assert_eq!(
+            writer(&checker),
+            Route::Healthy(0),
+            "nothing asks for a new session"
+        );
+        let started = Instant::now();
+        checker.report_failure(0);
+        while writer(&checker) != Route::Failing(0) {
+            assert!(started.elapsed() < Duration::from_secs(3), "not confirmed");
+            thread::sleep(Duration::from_millis(2));
+        }
+        // One check, not FALL = 1000 of them.
+        assert_eq!(checker.snapshot().nodes[0].failures, 1);
+        assert!(!checker.snapshot().nodes[0].is_up());
         checker.stop(true);
     }
 
