@@ -50,6 +50,8 @@ def normalise(table: str) -> str:
     """The table with what changes from run to run replaced, keeping every
     column where it is: ports, latencies, lags and times."""
     table = re.sub(r"(?<=127\.0\.0\.1:)\d+", lambda m: "P" * len(m[0]), table)
+    # A killed server refuses, or closes a connection it accepted as it died.
+    table = table.replace("closed by server before answering", "connection refused")
     table = re.sub(r"\d+ (s|min|h) ago$", "# s ago", table, flags=re.MULTILINE)
     # Right-aligned columns: the number and its padding become one width.
     for unit in ("ms", "s", "min", "h"):

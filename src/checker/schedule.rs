@@ -247,6 +247,10 @@ struct Control {
     reported: Vec<bool>,
     /// Per node: reports made so far.
     report_counts: Vec<u64>,
+    /// Per node: the ticket (a `reports_made` value) of its latest report,
+    /// and the latest one a probe has answered.
+    report_tickets: Vec<u64>,
+    reports_checked: Vec<u64>,
     /// Failure reports made, and taken in by the scheduler.
     reports_made: u64,
     reports_taken: u64,
@@ -271,6 +275,8 @@ impl Control {
             last_started: vec![None; groups],
             reported: vec![false; nodes],
             report_counts: vec![0; nodes],
+            report_tickets: vec![0; nodes],
+            reports_checked: vec![0; nodes],
             reports_made: 0,
             reports_taken: 0,
             started: 0,
@@ -466,9 +472,12 @@ impl Checker {
 
     /// Passive feedback that `node` failed for the application: re-probes
     /// its group soon, checking that `node` still takes new sessions (one
-    /// report alone never marks it down). Returns once the scheduler has
-    /// taken the report in (at most `REPORT_WAIT`): if `node`'s own probes
-    /// fail too, the application's next request already fails fast.
+    /// report alone never marks it down, but a failing probe then confirms
+    /// it). Returns once the probe it asked for has answered (at most
+    /// about `CONNECT_TIMEOUT`: a stuck server is waited for once), or at
+    /// once if the scheduler does not take the report in within
+    /// `REPORT_WAIT`: so that the application's next request, a retry
+    /// most often, goes where dbha now knows to send it, or fails at once.
     pub fn report_failure(&self, node: usize) {
         let group = self.shared.config.nodes[node].group;
         let mut control = self.shared.control.lock();
@@ -476,16 +485,29 @@ impl Checker {
         control.report_counts[node] += 1;
         control.reports_made += 1;
         let ticket = control.reports_made;
+        control.report_tickets[node] = ticket;
         let earliest = control.last_started[group].map_or_else(Instant::now, |at| at + REPORT_GAP);
         let requested = &mut control.requested[group];
         *requested = Some(requested.map_or(earliest, |r| r.min(earliest)));
         control.wake();
-        let deadline = Instant::now() + REPORT_WAIT;
+        let taken_by = Instant::now() + REPORT_WAIT;
         while control.reports_taken < ticket && !control.stop {
             if self
                 .shared
                 .round_done
-                .wait_until(&mut control, deadline)
+                .wait_until(&mut control, taken_by)
+                .timed_out()
+            {
+                return;
+            }
+        }
+        let checked_by =
+            Instant::now() + REPORT_GAP + self.shared.config.timing.connect_timeout + GRACE;
+        while control.reports_checked[node] < ticket && !control.stop {
+            if self
+                .shared
+                .round_done
+                .wait_until(&mut control, checked_by)
                 .timed_out()
             {
                 return;
@@ -590,9 +612,9 @@ struct InFlight {
     sent: Instant,
     /// It also checked that the node takes new sessions.
     checks_sessions: bool,
-    /// The application reported the node failing since the probe was
-    /// asked for: if the probe fails too, two independent attempts agree.
-    reported: bool,
+    /// The ticket of the latest failure report of the node that this probe
+    /// answers (0: none): if it fails too, two independent attempts agree.
+    report: u64,
     /// Its number among the probes of the group's writer, if it was sent to
     /// the writer (read-your-writes).
     writer_probe: Option<u64>,
@@ -760,32 +782,46 @@ impl Scheduler {
     fn start_round(&mut self, id: u64, groups: &[bool]) {
         let config = Arc::clone(&self.shared.config);
         let now = Instant::now();
-        let reported: Vec<bool> = {
-            let mut control = self.shared.control.lock();
+        // Per node, the ticket of the report this round's probe answers.
+        let reports: Vec<u64> = {
+            let mut guard = self.shared.control.lock();
+            let control = &mut *guard;
             config
                 .nodes
                 .iter()
-                .zip(control.reported.iter_mut())
-                .map(|(node, reported)| groups[node.group] && std::mem::take(reported))
+                .enumerate()
+                .map(|(i, node)| {
+                    let reported = groups[node.group] && std::mem::take(&mut control.reported[i]);
+                    if reported {
+                        control.report_tickets[i]
+                    } else {
+                        0
+                    }
+                })
                 .collect()
         };
         let mut waiting = Vec::new();
+        // Reports answered at once (a probe that could not be sent).
+        let mut checked = Vec::new();
         for (index, node) in config.nodes.iter().enumerate() {
             if !groups[node.group] {
                 continue;
             }
-            let check = reported[index] || self.session_check_due(index, now);
-            match self.dispatch(index, check, reported[index]) {
+            let check = reports[index] > 0 || self.session_check_due(index, now);
+            match self.dispatch(index, check, reports[index]) {
                 Ok(()) => waiting.push(index),
-                Err(failure) => self.record(
-                    index,
-                    ProbeOutcome {
-                        result: Err(failure),
-                        latency: Duration::ZERO,
-                        confirmed: false,
-                        started: now,
-                    },
-                ),
+                Err(failure) => {
+                    self.record(
+                        index,
+                        ProbeOutcome {
+                            result: Err(failure),
+                            latency: Duration::ZERO,
+                            confirmed: false,
+                            started: now,
+                        },
+                    );
+                    checked.push((index, reports[index]));
+                }
             }
         }
         let orphans = if groups.iter().all(|&g| g) {
@@ -800,6 +836,22 @@ impl Scheduler {
             waiting,
         });
         self.settle();
+        for (node, report) in checked {
+            self.report_checked(node, report);
+        }
+    }
+
+    /// The probe that answers `node`'s report `ticket` (0: none) is
+    /// recorded and published: `report_failure` may return.
+    fn report_checked(&self, node: usize, ticket: u64) {
+        if ticket == 0 {
+            return;
+        }
+        let mut control = self.shared.control.lock();
+        let checked = &mut control.reports_checked[node];
+        *checked = (*checked).max(ticket);
+        drop(control);
+        self.shared.round_done.notify_all();
     }
 
     /// Takes in the failure reports made since the last look. A report of
@@ -890,6 +942,7 @@ impl Scheduler {
         // failed; or the application reported the node failing and this
         // probe failed too: two independent attempts agree.
         let mut confirmed = !solicited && result.is_err();
+        let mut report = 0;
         if solicited {
             let Some(Some(thread)) = self.probe_threads.get_mut(node) else {
                 return;
@@ -901,11 +954,12 @@ impl Scheduler {
             if let Some(in_flight) = in_flight {
                 // The lag was measured no earlier than the request was sent.
                 started = in_flight.sent;
-                if in_flight.reported && result.is_err() {
+                if in_flight.report > 0 && result.is_err() {
                     confirmed = true;
                     // Requests routed there fail at once (`Route::Failing`).
                     self.state.reported_failing[node] = true;
                 }
+                report = in_flight.report;
                 if in_flight.checks_sessions {
                     self.sessions_suspect[node] = matches!(result, Err(Failure::NoNewSessions(_)));
                 }
@@ -927,6 +981,7 @@ impl Scheduler {
             },
         );
         self.settle();
+        self.report_checked(node, report);
     }
 
     /// Rounds past their deadline count their missing answers as timeouts:
@@ -943,26 +998,28 @@ impl Scheduler {
             .filter(|round| round.deadline <= now)
             .flat_map(|round| round.waiting.iter().copied())
             .collect();
+        let mut checked = Vec::new();
         for node in expired {
-            let mut reported = false;
+            let mut report = 0;
             if let Some(Some(thread)) = self.probe_threads.get_mut(node) {
                 if !thread.busy() || thread.abandoned {
                     continue; // already recorded
                 }
                 thread.abandoned = true;
-                reported = thread.in_flight.as_ref().is_some_and(|f| f.reported);
+                report = thread.in_flight.as_ref().map_or(0, |f| f.report);
             }
             // A hung probe of a node the application reported failing.
-            self.state.reported_failing[node] |= reported;
+            self.state.reported_failing[node] |= report > 0;
             self.record(
                 node,
                 ProbeOutcome {
                     result: Err(Failure::Timeout),
                     latency: timeout,
-                    confirmed: reported,
+                    confirmed: report > 0,
                     started: now.checked_sub(timeout).unwrap_or(now),
                 },
             );
+            checked.push((node, report));
         }
         for round in &mut self.open {
             if round.deadline <= now {
@@ -970,6 +1027,9 @@ impl Scheduler {
             }
         }
         self.settle();
+        for (node, report) in checked {
+            self.report_checked(node, report);
+        }
     }
 
     /// Records one outcome in the state machine; the rounds waiting for it
@@ -1298,11 +1358,11 @@ impl Scheduler {
         &mut self,
         node: usize,
         check_new_sessions: bool,
-        reported: bool,
+        report: u64,
     ) -> Result<(), Failure> {
         if let Some(thread) = &mut self.probe_threads[node] {
             if let Some(in_flight) = &mut thread.in_flight {
-                in_flight.reported |= reported;
+                in_flight.report = in_flight.report.max(report);
                 return if thread.abandoned {
                     // Stuck past a deadline already: another timeout.
                     Err(Failure::Timeout)
@@ -1332,7 +1392,7 @@ impl Scheduler {
             thread.in_flight = Some(InFlight {
                 sent: Instant::now(),
                 checks_sessions: check_new_sessions,
-                reported,
+                report,
                 writer_probe,
             });
             thread.ringer.ring();
@@ -1791,9 +1851,12 @@ mod tests {
         let checker = start(&ABC, &dbha, &script);
         let before = script.probes.load(Ordering::SeqCst);
         script.set("a", Answer::Refused);
-        for _ in 0..100 {
-            checker.report_failure(0);
-        }
+        // A burst: 100 requests failing at once, each reporting.
+        thread::scope(|scope| {
+            for _ in 0..100 {
+                scope.spawn(|| checker.report_failure(0));
+            }
+        });
         let deadline = Instant::now() + Duration::from_secs(2);
         while writer(&checker) != Route::Healthy(1) {
             assert!(Instant::now() < deadline, "no re-probe");
@@ -1892,17 +1955,23 @@ mod tests {
         assert_eq!(writer(&checker), Route::Healthy(0));
         script.set("b", Answer::Primary);
         let started = Instant::now();
-        checker.report_failure(0);
-        while writer(&checker) != Route::Healthy(1) {
-            assert!(started.elapsed() < Duration::from_secs(2), "no switch");
-            thread::sleep(Duration::from_millis(1));
-        }
-        // Well within the hung probe's 0.5 s deadline.
-        assert!(
-            started.elapsed() < Duration::from_millis(250),
-            "{:?}",
-            started.elapsed()
-        );
+        thread::scope(|scope| {
+            // The reporting request waits for a's (hung) probe; routing does not.
+            let reporter = scope.spawn(|| checker.report_failure(0));
+            while writer(&checker) != Route::Healthy(1) {
+                assert!(started.elapsed() < Duration::from_secs(2), "no switch");
+                thread::sleep(Duration::from_millis(1));
+            }
+            // Well within the hung probe's 0.5 s deadline.
+            let switched = started.elapsed();
+            assert!(switched < Duration::from_millis(250), "{switched:?}");
+            reporter.join().unwrap();
+            let waited = started.elapsed();
+            assert!(
+                waited >= Duration::from_millis(400),
+                "the report's probe answered: {waited:?}"
+            );
+        });
         checker.stop(true);
     }
 
