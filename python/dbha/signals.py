@@ -46,5 +46,6 @@ def send(kind: str, fields: dict[str, Any]) -> None:
     signal, names = entry
     arguments = {name: fields.get(name) for name in names}
     if kind == "split_brain":
+        # The event's `new` is where writes go: the signal names it `writer`.
         arguments["writer"] = arguments.pop("new")
     signal.send_robust(sender=ModelDatabaseRouter, **arguments)
