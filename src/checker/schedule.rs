@@ -1709,6 +1709,14 @@ mod tests {
         writer(checker)
     }
 
+    /// Waits (bounded by `by`) until `checker` routes `group` 0 to `route`.
+    fn await_route(checker: &Checker, route: Route, by: Instant, what: &str) {
+        while writer(checker) != route {
+            assert!(Instant::now() < by, "{what}: {:?}", writer(checker));
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn start(aliases: &[&str], dbha: &[(&str, Value)], script: &Arc<Script>) -> Checker {
         let prober: Arc<dyn Prober> = Arc::new(Arc::clone(script));
         let checker =
@@ -1978,10 +1986,12 @@ mod tests {
         let started = Instant::now();
         thread::scope(|scope| {
             let reporter = scope.spawn(|| checker.report_failure(0));
-            while writer(&checker) != Route::Healthy(1) {
-                assert!(started.elapsed() < Duration::from_secs(2), "no switch");
-                thread::sleep(Duration::from_millis(1));
-            }
+            await_route(
+                &checker,
+                Route::Healthy(1),
+                started + Duration::from_secs(2),
+                "no switch",
+            );
             // Well within the hung probe's 0.5 s deadline.
             let switched = started.elapsed();
             assert!(switched < Duration::from_millis(250), "{switched:?}");
@@ -2224,10 +2234,12 @@ mod tests {
         // A promotion is seen within one fast interval, with no report.
         script.set("b", Answer::Primary);
         let started = Instant::now();
-        while writer(&checker) != Route::Healthy(1) {
-            assert!(started.elapsed() < Duration::from_secs(2), "not followed");
-            thread::sleep(Duration::from_millis(2));
-        }
+        await_route(
+            &checker,
+            Route::Healthy(1),
+            started + Duration::from_secs(2),
+            "not followed",
+        );
         assert!(
             started.elapsed() < Duration::from_millis(200),
             "{:?}",
@@ -2272,22 +2284,23 @@ mod tests {
         );
         // The report and the check agree: requests fail at once (once b's
         // answer in flight, if any, is in too).
-        while writer(&checker) != Route::Failing(0) {
-            assert!(
-                started.elapsed() < Duration::from_secs(2),
-                "not failing fast"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        await_route(
+            &checker,
+            Route::Failing(0),
+            started + Duration::from_secs(2),
+            "not failing fast",
+        );
         // No flapping back while new sessions still fail: every probe checks.
         thread::sleep(Duration::from_millis(500));
         assert_eq!(writer(&checker), Route::Failing(0));
         script.set("a", Answer::Primary);
         let started = Instant::now();
-        while writer(&checker) != Route::Healthy(0) {
-            assert!(started.elapsed() < Duration::from_secs(2), "never back");
-            thread::sleep(Duration::from_millis(5));
-        }
+        await_route(
+            &checker,
+            Route::Healthy(0),
+            started + Duration::from_secs(2),
+            "never back",
+        );
         checker.stop(true);
     }
 
@@ -2349,17 +2362,21 @@ mod tests {
         // (report_failure waits up to 50 ms for that; a loaded test machine
         // may take longer).
         checker.report_failure(0);
-        while writer(&checker) != Route::Failing(0) {
-            assert!(started.elapsed() < Duration::from_secs(2), "not confirmed");
-            thread::sleep(Duration::from_millis(2));
-        }
+        await_route(
+            &checker,
+            Route::Failing(0),
+            started + Duration::from_secs(2),
+            "not confirmed",
+        );
         assert!(checker.snapshot().nodes[0].failures < 1000);
         // It answers again: back to normal.
         script.set("a", Answer::Primary);
-        while writer(&checker) != Route::Healthy(0) {
-            assert!(started.elapsed() < Duration::from_secs(3), "not back");
-            thread::sleep(Duration::from_millis(2));
-        }
+        await_route(
+            &checker,
+            Route::Healthy(0),
+            started + Duration::from_secs(3),
+            "not back",
+        );
         checker.stop(true);
     }
 
@@ -2387,10 +2404,12 @@ mod tests {
         );
         let started = Instant::now();
         checker.report_failure(0);
-        while writer(&checker) != Route::Failing(0) {
-            assert!(started.elapsed() < Duration::from_secs(3), "not confirmed");
-            thread::sleep(Duration::from_millis(2));
-        }
+        await_route(
+            &checker,
+            Route::Failing(0),
+            started + Duration::from_secs(3),
+            "not confirmed",
+        );
         // One check, not FALL = 1000 of them.
         assert_eq!(checker.snapshot().nodes[0].failures, 1);
         assert!(!checker.snapshot().nodes[0].is_up());
