@@ -254,10 +254,13 @@ def test_a_report_never_replaces_the_database_error(
 def run_python(
     args: list[str], env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """Runs this interpreter with our `dbha` and the repository importable."""
-    pythonpath = os.pathsep.join(
-        [str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")]
-    )
+    """Runs this interpreter with the repository (for `tests`) importable;
+    `dbha` is the one this interpreter imports (the installed wheel, or
+    what PYTHONPATH names: made absolute, as the child runs elsewhere)."""
+    inherited = [
+        str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
+    ]
+    pythonpath = os.pathsep.join([*inherited, str(ROOT)])
     return subprocess.run(
         [sys.executable, *args],
         env={**os.environ, "PYTHONPATH": pythonpath, **env},
