@@ -69,25 +69,33 @@ impl Failure {
 }
 
 impl fmt::Display for Failure {
+    /// The reason as a status line shows it: at most `MAX_QUOTE` characters
+    /// in all, the prefix and every quote of server text together (an error
+    /// quotes both a code and a message, each up to `MAX_QUOTE`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Dns(e) => write!(f, "DNS failure: {e}"),
-            Self::Refused => f.write_str("connection refused"),
-            Self::Timeout => f.write_str("timeout"),
-            Self::Network(e) => write!(f, "network error: {e}"),
-            Self::Closed => f.write_str("closed by server before answering"),
-            Self::BadHandshake(e) => write!(f, "bad handshake: {e}"),
-            Self::ServerError(e) => write!(f, "server error: {e}"),
-            Self::Auth(e) => write!(f, "authentication failed: {e}"),
-            Self::Tls(e) => write!(f, "TLS: {e}"),
+        let text = match self {
+            Self::Dns(e) => format!("DNS failure: {e}"),
+            Self::Refused => return f.write_str("connection refused"),
+            Self::Timeout => return f.write_str("timeout"),
+            Self::Network(e) => format!("network error: {e}"),
+            Self::Closed => return f.write_str("closed by server before answering"),
+            Self::BadHandshake(e) => format!("bad handshake: {e}"),
+            Self::ServerError(e) => format!("server error: {e}"),
+            Self::Auth(e) => format!("authentication failed: {e}"),
+            Self::Tls(e) => format!("TLS: {e}"),
             Self::NoNewSessions(e) => {
-                write!(
-                    f,
-                    "new connections fail ({e}) while the open session answers"
-                )
+                format!("new connections fail ({e}) while the open session answers")
             }
-            Self::Internal(e) => write!(f, "internal error: {e}"),
+            Self::Internal(e) => format!("internal error: {e}"),
+        };
+        if text.chars().count() <= MAX_QUOTE {
+            return f.write_str(&text);
         }
+        let cut = text
+            .char_indices()
+            .nth(MAX_QUOTE - 1)
+            .map_or(text.len(), |(at, _)| at);
+        write!(f, "{}…", &text[..cut])
     }
 }
 
@@ -120,7 +128,7 @@ impl From<rustls::Error> for Failure {
 }
 
 /// Server text is quoted in status lines, exceptions and logs: at most this
-/// many characters.
+/// many characters; and so is a whole reason, quotes and prefix together.
 pub const MAX_QUOTE: usize = 300;
 
 /// `text` as one bounded line: runs of whitespace and control characters
@@ -168,6 +176,28 @@ mod tests {
         let quoted = one_line(&huge);
         assert!(quoted.chars().count() <= MAX_QUOTE + 1);
         assert!(!quoted.contains('\n'));
+    }
+
+    #[test]
+    fn a_reason_is_at_most_one_quote_long_in_all() {
+        let quote = one_line(&"x\n".repeat(1000));
+        for failure in [
+            Failure::ServerError(format!("{quote} {quote}")),
+            Failure::Auth(quote.clone()),
+            Failure::NoNewSessions(Box::new(Failure::BadHandshake(quote.clone()))),
+        ] {
+            let text = failure.to_string();
+            assert_eq!(text.chars().count(), MAX_QUOTE, "{text}");
+            assert!(text.ends_with('…'), "{text}");
+        }
+        let short = Failure::ServerError("53300 sorry, too many clients already".into());
+        assert_eq!(
+            short.to_string(),
+            "server error: 53300 sorry, too many clients already"
+        );
+        let exact = Failure::Auth("é".repeat(MAX_QUOTE - "authentication failed: ".len()));
+        assert_eq!(exact.to_string().chars().count(), MAX_QUOTE);
+        assert!(!exact.to_string().ends_with('…'));
     }
 
     #[test]

@@ -954,6 +954,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn endless_column_definitions_fail_at_the_size_cap() {
+        // 4096 columns (the most accepted), each of 1 MB: all kept, they would be 4 GB. The
+        // server stops at 64 and waits, so that a client without the cap times out instead.
+        let login = native_login("");
+        let (port, _) = scripted(
+            Box::new(move |stream| {
+                assert!(login(stream));
+                receive(stream).unwrap();
+                send(stream, 1, &[0xfc, 0x00, 0x10]);
+                let mut column = vec![0u8; 4];
+                for part in ["def", "", "", ""] {
+                    lenenc_str(&mut column, part);
+                }
+                for _ in 0..2 {
+                    // The name and the original name, with three-byte lengths.
+                    column.extend_from_slice(&[0xfd, 0x20, 0xa1, 0x07]);
+                    column.resize(column.len() + 500_000, b'c');
+                }
+                column.extend_from_slice(&[0x0c, 45, 0, 0, 1, 0, 0, 253, 0, 0, 0, 0, 0]);
+                let length = u32::try_from(column.len() - 4).unwrap().to_le_bytes();
+                column[..3].copy_from_slice(&length[..3]);
+                for _ in 0..64 {
+                    if stream.write_all(&column).is_err() {
+                        break;
+                    }
+                }
+                let _ = stream.read_to_end(&mut Vec::new());
+                false
+            }),
+            Box::new(|_| Vec::new()),
+        );
+        let mut session = connect(&node(tcp(port), "probe", Some(PASSWORD)), soon()).unwrap();
+        let started = Instant::now();
+        let result = session.observe(started + Duration::from_secs(5));
+        assert!(
+            matches!(&result, Err(Failure::BadHandshake(m)) if m.starts_with("a result of over")),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
     /// About 900 KB of server text: many lines, carriage returns, escapes, and a marker far
     /// past what may be quoted.
     fn huge_text() -> String {

@@ -160,6 +160,11 @@ impl Conn {
         for _ in 0..count {
             let packet = self.read_packet()?;
             size += packet.len();
+            // Column definitions count too: 4096 of up to 1 MiB each would
+            // otherwise all be kept, as fast as the server sends them.
+            if size > MAX_REPLY {
+                return Err(too_big());
+            }
             columns.push(column_name(&packet)?);
         }
         // Without CLIENT_DEPRECATE_EOF an EOF packet ends the column
@@ -180,9 +185,7 @@ impl Conn {
             }
             size += packet.len();
             if rows.len() == MAX_ROWS || size > MAX_REPLY {
-                return Err(Failure::BadHandshake(format!(
-                    "a result of over {MAX_ROWS} rows or {MAX_REPLY} bytes"
-                )));
+                return Err(too_big());
             }
             rows.push(parse_row(&packet, count)?);
         }
@@ -216,6 +219,12 @@ impl Conn {
             self.transport.close_notify(deadline);
         }
     }
+}
+
+fn too_big() -> Failure {
+    Failure::BadHandshake(format!(
+        "a result of over {MAX_ROWS} rows or {MAX_REPLY} bytes"
+    ))
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -902,19 +902,21 @@ mod tests {
             assert_one_bounded_line(&failure);
         }
 
-        // The answer to a query.
-        let (port, _) = serve(|stream| {
-            greet(stream);
-            read_message(stream);
-            stream.write_all(&huge_error("57P01")).unwrap();
-        });
-        let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
-        let failure = session.observe(soon(2000)).err().unwrap();
-        assert!(
-            matches!(&failure, Failure::ServerError(m) if m.starts_with("57P01 terminating")),
-            "{failure:?}"
-        );
-        assert_one_bounded_line(&failure);
+        // The answer to a query; also with a SQLSTATE of 60 kB.
+        for code in ["57P01".to_owned(), "57P01\n".repeat(10_000)] {
+            let (port, _) = serve(move |stream| {
+                greet(stream);
+                read_message(stream);
+                stream.write_all(&huge_error(&code)).unwrap();
+            });
+            let mut session = connect(&node(port, SslMode::Disable, None), soon(2000)).unwrap();
+            let failure = session.observe(soon(2000)).err().unwrap();
+            assert!(
+                matches!(&failure, Failure::ServerError(m) if m.starts_with("57P01 terminating")),
+                "{failure:?}"
+            );
+            assert_one_bounded_line(&failure);
+        }
 
         // The check for new sessions.
         let (port, _) = serve(|stream| {

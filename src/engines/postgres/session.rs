@@ -479,7 +479,14 @@ fn error_parts(mut fields: ErrorFields<'_>) -> (String, String) {
     let (mut code, mut message) = (String::new(), String::new());
     while let Ok(Some(field)) = fields.next() {
         match field.type_() {
-            b'C' => code = one_line(&String::from_utf8_lossy(field.value_bytes())),
+            // A SQLSTATE has five characters: a longer one must not crowd
+            // out the message.
+            b'C' => {
+                code = one_line(&String::from_utf8_lossy(field.value_bytes()))
+                    .chars()
+                    .take(5)
+                    .collect();
+            }
             b'M' => message = one_line(&String::from_utf8_lossy(field.value_bytes())),
             _ => {}
         }
