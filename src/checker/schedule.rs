@@ -820,11 +820,18 @@ impl Scheduler {
                     // Stuck past a deadline, or no thread: for a reported
                     // node, a second failure that agrees.
                     self.state.reported_failing[index] |= reports[index] > 0;
+                    // A stuck probe's latency is how long it has been stuck.
+                    let latency = self.probe_threads[index]
+                        .as_ref()
+                        .and_then(|thread| thread.in_flight.as_ref())
+                        .map_or(Duration::ZERO, |probe| {
+                            now.saturating_duration_since(probe.sent)
+                        });
                     self.record(
                         index,
                         ProbeOutcome {
                             result: Err(failure),
-                            latency: Duration::ZERO,
+                            latency,
                             confirmed: reports[index] > 0,
                             started: now,
                         },
