@@ -453,7 +453,8 @@ def replaced(root: Any, path: tuple[Any, ...], change: Any) -> Any:
     return copy
 
 
-DELETE = object()
+#: Settings whose texts are no passwords (aliases, group names, labels).
+PASSWORD_FREE = {"GROUPS", "DATABASES", "ROUTES", "PROBE", "WRITER_READS", "ssl"}
 
 
 @st.composite
@@ -473,10 +474,14 @@ def nearly_valid_examples(draw: Any) -> Example:
     if how == "delete" and path:
         changed = replaced(root, path[:-1], lambda d: {k: v for k, v in d.items() if k != path[-1]})
     elif how == "misspelled":
+        # A password under a misspelled key, where a password key could be:
+        # a DATABASES entry, its OPTIONS or TEST, DBHA, a monitoring login.
         key = draw(st.sampled_from(MISSPELLED))
         entry = {"default": {"USER": "m", "PASSWORD": secrets.new(draw)}}
         value = entry if key.startswith("PROBE") else secrets.new(draw)
-        parent = path if path and isinstance(_at(root, path), dict) else ()
+        parent = path[: next((i for i, k in enumerate(path) if k in PASSWORD_FREE), len(path))]
+        if not isinstance(_at(root, parent), dict):
+            parent = ()
         changed = replaced(root, parent, lambda d: {**d, key: value})
     elif how == "password":
         # A malformed password where one goes: an entry's or a monitoring login's.
