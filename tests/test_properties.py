@@ -453,6 +453,25 @@ def replaced(root: Any, path: tuple[Any, ...], change: Any) -> Any:
     return copy
 
 
+#: Values just past what a field accepts, or of a type that is nearly right.
+NEAR = [
+    0,
+    -1,
+    0.001,
+    1e-300,
+    86401,
+    1001,
+    math.nan,
+    math.inf,
+    "1",
+    "",
+    "db1,db2",
+    True,
+    None,
+    [],
+    {},
+]
+
 #: Settings whose texts are no passwords (aliases, group names, labels).
 PASSWORD_FREE = {"GROUPS", "DATABASES", "ROUTES", "PROBE", "WRITER_READS", "ssl"}
 
@@ -467,10 +486,10 @@ def nearly_valid_examples(draw: Any) -> Example:
     which = draw(st.sampled_from(["DATABASES", "DBHA"]))
     root = example.databases if which == "DATABASES" else dbha
     path = draw(st.sampled_from(paths(root)))
-    near = st.sampled_from(
-        [0, -1, 0.001, 1e-300, 86401, 1001, math.nan, math.inf, "1", "", True, None, [], {}]
+    near = st.sampled_from(NEAR)
+    how = draw(
+        st.sampled_from(["any", "near", "delete", "misspelled", "password", "proxy", "twice"])
     )
-    how = draw(st.sampled_from(["any", "near", "delete", "misspelled", "password", "proxy"]))
     if how == "delete" and path:
         changed = replaced(root, path[:-1], lambda d: {k: v for k, v in d.items() if k != path[-1]})
     elif how == "misspelled":
@@ -494,6 +513,17 @@ def nearly_valid_examples(draw: Any) -> Example:
             changed = replaced(
                 root, parent, lambda d: {**d, "PASSWORD": password_value(draw, secrets)}
             )
+    elif how == "twice":
+        # An alias listed twice, or in two groups; two aliases on one server.
+        changed = replaced(
+            root, path, lambda v: [*v, v[0]] if isinstance(v, list) and v else {**SQLITE}
+        )
+        if which == "DBHA" and isinstance(changed.get("GROUPS"), dict):
+            groups = changed["GROUPS"]
+            first = next(iter(groups.values()))
+            changed = {**changed, "GROUPS": {**groups, "again": first[:1]}}
+        elif which == "DATABASES" and len(path) == 1:
+            changed = {**root, "twin": dict(root[path[0]])}
     elif how == "proxy":
         changed = replaced(
             root, path, lambda v: MappingProxyType(v) if isinstance(v, dict) else tuple([v])
