@@ -41,8 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 FULL = os.environ.get("DBHA_STRESS") == "full"
 THREADS = 8
 #: Calls per thread (each one `available_db()`, `read_db()` or a router call).
-CALLS = int(os.environ.get("DBHA_STRESS_CALLS", 1_000_000 if FULL else 150_000))
-FORKS = 200 if FULL else 15
+CALLS = int(os.environ.get("DBHA_STRESS_CALLS", 1_000_000 if FULL else 400_000))
+FORKS = 200 if FULL else 30
 #: Past this, a thread still running is deadlocked (CI: about 10x a normal run).
 TIME_LIMIT = 900.0 if FULL else 180.0
 #: Growth of the resident set over the measured run: a leak of even a few
