@@ -92,11 +92,20 @@ def check_connections(app_configs: Sequence[AppConfig] | None, **kwargs: Any) ->
     if not isinstance(databases, Mapping):
         return []
     watched = {a for _, aliases in _core.watched_groups(*conf.read_settings()) for a in aliases}
+    if not watched:
+        return []  # invalid settings: check_settings reports them
+    try:
+        entries = list(databases.items())
+    except Exception:
+        return []  # a mapping that cannot be read: dbha reads it as the dict it is
     messages: list[CheckMessage] = []
-    for alias, entry in databases.items():
+    for alias, entry in entries:
         if alias not in watched or not isinstance(entry, Mapping):
             continue
-        age = entry.get("CONN_MAX_AGE", 0)
+        try:
+            age = entry.get("CONN_MAX_AGE", 0)
+        except Exception:
+            continue  # an entry that cannot be read: not dbha's to report
         if age is None or (isinstance(age, int | float) and age > 0):
             messages.append(
                 Warning(

@@ -33,8 +33,17 @@ def vendors(databases: Any) -> dict[str, str]:
     found: dict[str, str] = {}
     if not isinstance(databases, Mapping):
         return found
-    for alias, entry in databases.items():
-        engine = entry.get("ENGINE") if isinstance(entry, Mapping) else None
+    try:
+        entries = list(databases.items())
+    except Exception:
+        # A mapping that cannot be read: dbha's validation reports it (or
+        # reads it as the dict it is), never this function's exception.
+        return found
+    for alias, entry in entries:
+        try:
+            engine = entry.get("ENGINE") if isinstance(entry, Mapping) else None
+        except Exception:
+            continue
         if not isinstance(alias, str) or not isinstance(engine, str) or not engine:
             continue
         try:

@@ -119,7 +119,14 @@ def configured_access() -> object:
     from django.conf import settings
 
     dbha = getattr(settings, "DBHA", None)
-    return dbha.get("HEALTH_VIEW_ACCESS") if isinstance(dbha, Mapping) else None
+    if not isinstance(dbha, Mapping):
+        return None
+    try:
+        return dbha.get("HEALTH_VIEW_ACCESS")
+    except Exception:
+        # A DBHA that cannot be read is dbha.E002 (check_settings); nobody
+        # sees details meanwhile.
+        return None
 
 
 def access_rule(value: object) -> AccessRule | None:
@@ -127,7 +134,11 @@ def access_rule(value: object) -> AccessRule | None:
     dotted path of one. Raises ImproperlyConfigured for anything else."""
     if value is None:
         return None
-    if value == "staff":
+    try:
+        staff = bool(value == "staff")
+    except Exception:
+        staff = False  # an object whose comparison fails is no rule either
+    if staff:
         return is_staff
     if isinstance(value, str):
         if "." not in value:
@@ -150,8 +161,17 @@ def access_rule(value: object) -> AccessRule | None:
     if callable(value):
         return value
     raise ImproperlyConfigured(
-        f"dbha: {ACCESS_KEY} = {value!r}: must be None, 'staff', a callable or a dotted path"
+        f"dbha: {ACCESS_KEY} = {_quoted(value)}: must be None, 'staff', a callable or a dotted path"
     )
+
+
+def _quoted(value: object) -> str:
+    """`repr(value)`, or its type when its repr fails: the error must be
+    ImproperlyConfigured, never the repr's own exception."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<{type(value).__qualname__} object>"
 
 
 def is_staff(request: HttpRequest) -> bool:
