@@ -728,10 +728,6 @@ def test_settings_that_fail_when_read_are_reported_not_raised(
         _core.clear_simulation()
 
 
-RUST_FIX_PENDING = "a defect in src/binding (see the test's docstring); remove this mark when fixed"
-
-
-@pytest.mark.xfail(strict=True, reason=RUST_FIX_PENDING)
 @pytest.mark.parametrize(
     ("databases", "dbha_settings"),
     [
@@ -752,7 +748,6 @@ def test_a_password_given_as_a_dict_is_not_quoted(databases: Any, dbha_settings:
     assert SECRET not in message
 
 
-@pytest.mark.xfail(strict=True, reason=RUST_FIX_PENDING)
 def test_a_dbha_setting_that_is_not_a_mapping_is_not_quoted_whole() -> None:
     """`DBHA` as an object (a namespace, a dataclass): `Settings::new` in
     `config.rs` quotes it unredacted, and the scrub cannot see into an
@@ -777,7 +772,6 @@ class MutatesItsDict:
         return "MutatesItsDict()"
 
 
-@pytest.mark.xfail(strict=True, reason=RUST_FIX_PENDING)
 def test_a_repr_that_changes_the_settings_is_no_panic() -> None:
     """`binding/value.rs` `convert()` iterates a dict with PyO3's
     `PyDict::iter()` and calls `repr()` on values it cannot convert,
@@ -790,7 +784,6 @@ def test_a_repr_that_changes_the_settings_is_no_panic() -> None:
     assert problems == []
 
 
-@pytest.mark.xfail(strict=True, reason=RUST_FIX_PENDING)
 def test_a_list_whose_iterator_raises_does_not_hang() -> None:
     """`binding/value.rs` `convert()` reads a list (subclass) through its
     `__iter__` with `items.flatten()`, which skips errors: an iterator that

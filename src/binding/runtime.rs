@@ -498,18 +498,19 @@ fn with_current<R>(
                 return f(&cached.runtime, &cached.reads).map(Some);
             }
         }
-        let runtime = if start_if_needed {
+        // The epoch the runtime is cached under is one read before the
+        // runtime was (or under the start flag, with it): a reset by another
+        // thread in between then shows as a newer epoch, never the reverse.
+        let (runtime, epoch) = if start_if_needed {
             start(py)?
         } else {
             match RUNTIME.load_full() {
                 Some(runtime) if runtime.generation == FORK_GENERATION.load(Ordering::Relaxed) => {
-                    runtime
+                    (runtime, epoch)
                 }
                 _ => return Ok(None),
             }
         };
-        // Read after the start, which may have bumped it.
-        let epoch = EPOCH.load(Ordering::Acquire);
         let same = current.try_borrow().is_ok_and(|c| {
             c.as_ref()
                 .is_some_and(|c| Arc::ptr_eq(&c.runtime, &runtime))
@@ -539,14 +540,15 @@ fn with_current<R>(
 }
 
 /// The current runtime, informed by its first round: started if there is
-/// none, or none of this process's own (after a fork).
+/// none, or none of this process's own (after a fork); and the epoch it is
+/// current at (read under the start flag, as resets change both under it).
 #[cold]
-fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
-    let runtime = {
+fn start(py: Python<'_>) -> PyResult<(Arc<Runtime>, u64)> {
+    let (runtime, epoch) = {
         let _start = lock_start(py);
         let generation = FORK_GENERATION.load(Ordering::Relaxed);
         let current = RUNTIME.load_full();
-        match current {
+        let runtime = match current {
             Some(runtime) if runtime.generation == generation => runtime,
             previous => {
                 let seed = previous.map(|parent| {
@@ -563,7 +565,8 @@ fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
                 EPOCH.fetch_add(1, Ordering::AcqRel);
                 runtime
             }
-        }
+        };
+        (runtime, EPOCH.load(Ordering::Acquire))
     };
     if !runtime.informed.load(Ordering::Relaxed) {
         // One probe round finishes within the deadline; a little slack on top.
@@ -571,7 +574,7 @@ fn start(py: Python<'_>) -> PyResult<Arc<Runtime>> {
         wait_detached(py, limit, |slice| runtime.checker.wait_for_round(1, slice))?;
         runtime.informed.store(true, Ordering::Relaxed);
     }
-    Ok(runtime)
+    Ok((runtime, epoch))
 }
 
 fn new_runtime(py: Python<'_>, generation: u64, seed: Option<&Snapshot>) -> PyResult<Runtime> {
@@ -725,6 +728,10 @@ fn passwords(value: &Value, under: bool, found: &mut Vec<String>) {
     match value {
         Value::Map(entries) => {
             for (key, value) in entries {
+                if under {
+                    // `PASSWORD={secret: ...}`: the key is the secret.
+                    found.push(key.clone());
+                }
                 passwords(value, under || key.eq_ignore_ascii_case("PASSWORD"), found);
             }
         }

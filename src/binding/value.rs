@@ -7,6 +7,8 @@ use crate::checker::value::Value;
 
 /// Deep enough for `DBHA` and `DATABASES`; stops self-referencing lists.
 const MAX_DEPTH: usize = 8;
+/// More items than any setting has: a list that never ends is cut here.
+const MAX_ITEMS: usize = 10_000;
 
 pub fn to_value(obj: &Bound<'_, PyAny>) -> Value {
     convert(obj, 0)
@@ -32,8 +34,13 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
         return repr(obj);
     }
     if let Ok(dict) = obj.cast::<PyDict>() {
+        // A copy of the items: converting a value runs its `repr()`, which
+        // may change the dict (iterating it then would panic).
         return Value::Map(
-            dict.iter()
+            dict.items()
+                .iter()
+                .take(MAX_ITEMS)
+                .filter_map(|item| item.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>().ok())
                 .map(|(key, value)| (key_text(&key), convert(&value, depth + 1)))
                 .collect(),
         );
@@ -44,6 +51,7 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
             return Value::Map(
                 items
                     .iter()
+                    .take(MAX_ITEMS)
                     .filter_map(|item| item.extract::<(Bound<'_, PyAny>, Bound<'_, PyAny>)>().ok())
                     .map(|(key, value)| (key_text(&key), convert(&value, depth + 1)))
                     .collect(),
@@ -52,9 +60,12 @@ fn convert(obj: &Bound<'_, PyAny>, depth: usize) -> Value {
     }
     if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
         if let Ok(items) = obj.try_iter() {
+            // A subclass may iterate as it likes: stop at its first error,
+            // and after more items than any setting has.
             return Value::List(
                 items
-                    .flatten()
+                    .map_while(Result::ok)
+                    .take(MAX_ITEMS)
                     .map(|item| convert(&item, depth + 1))
                     .collect(),
             );

@@ -411,11 +411,12 @@ impl<'a> Settings<'a> {
         let entries: &[(String, Value)] = match dbha {
             Value::None => &[],
             Value::Map(entries) => entries,
+            // Its texts redacted: an object's repr may hold anything.
             other => {
                 return Err(error(
                     Problem::WrongType,
                     "DBHA".into(),
-                    other,
+                    &texts_redacted(other),
                     "must be a dict",
                 ))
             }
@@ -756,8 +757,10 @@ impl<'a> Settings<'a> {
                 other => Err(error(
                     Problem::WrongType,
                     key,
+                    // A password is never quoted, whatever its shape (even
+                    // a dict's keys may be the secret).
                     &if name == "PASSWORD" {
-                        redacted(other)
+                        Value::str("***")
                     } else {
                         other.clone()
                     },

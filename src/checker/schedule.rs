@@ -19,7 +19,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, Guard};
@@ -43,6 +43,9 @@ const GRACE: Duration = Duration::from_millis(50);
 const REPORT_GAP: Duration = Duration::from_millis(50);
 /// The longest `report_failure` waits for the scheduler to take it in.
 const REPORT_WAIT: Duration = Duration::from_millis(50);
+/// The longest `stop(join)` waits for the checker thread to end (it ends
+/// within a few tens of milliseconds; probe threads end on their own).
+const STOP_WAIT: Duration = Duration::from_secs(10);
 /// Pause before restarting a scheduler that panicked.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
 
@@ -262,6 +265,8 @@ struct Control {
     completed: BTreeSet<u64>,
     /// The running scheduler's event queue, to wake it.
     waker: Option<Sender<Wakeup>>,
+    /// The checker thread has ended (see `Checker::stop`).
+    finished: bool,
     /// Makes the scheduler panic (tests of the restart).
     #[cfg(test)]
     panic_now: bool,
@@ -283,6 +288,7 @@ impl Control {
             completed_below: 1,
             completed: BTreeSet::new(),
             waker: None,
+            finished: false,
             #[cfg(test)]
             panic_now: false,
         }
@@ -347,7 +353,6 @@ fn atomics<T>(count: usize, make: impl Fn(usize) -> T) -> Box<[T]> {
 
 pub struct Checker {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Checker {
@@ -392,13 +397,13 @@ impl Checker {
             observer,
         });
         let supervisor = Arc::clone(&shared);
-        let thread = thread::Builder::new()
+        // Detached at once: `stop` waits for `Control::finished`, never
+        // `pthread_join`, which can fail (and std then panics) in a child
+        // forked from a process with many threads.
+        thread::Builder::new()
             .name("dbha-checker".into())
             .spawn(move || supervise(&supervisor))?;
-        Ok(Self {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+        Ok(Self { shared })
     }
 
     pub fn config(&self) -> &Config {
@@ -538,11 +543,18 @@ impl Checker {
         let mut control = self.shared.control.lock();
         control.stop = true;
         control.wake();
-        drop(control);
         self.shared.wake.notify_all();
         if join {
-            if let Some(thread) = self.thread.lock().take() {
-                let _ = thread.join();
+            let deadline = Instant::now() + STOP_WAIT;
+            while !control.finished {
+                if self
+                    .shared
+                    .wake
+                    .wait_until(&mut control, deadline)
+                    .timed_out()
+                {
+                    break;
+                }
             }
         }
     }
@@ -557,6 +569,15 @@ impl Drop for Checker {
 /// Runs the scheduler, restarting it from the last published snapshot if it
 /// panics: a bug must not leave the process without a health checker.
 fn supervise(shared: &Arc<Shared>) {
+    /// Tells `Checker::stop` the thread has ended, however it ends.
+    struct Finished<'a>(&'a Shared);
+    impl Drop for Finished<'_> {
+        fn drop(&mut self) {
+            self.0.control.lock().finished = true;
+            self.0.wake.notify_all();
+        }
+    }
+    let _finished = Finished(shared);
     loop {
         let run = panic::catch_unwind(AssertUnwindSafe(|| {
             Scheduler::new(Arc::clone(shared)).run();
