@@ -8,6 +8,7 @@ on what each server holds at the end. Needs root (CI runs as root)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -74,6 +75,10 @@ def net(django_db_blocker: Any) -> Iterator[LocalNet]:
             for alias, entry in saved.items():
                 settings.DATABASES[alias].clear()
                 settings.DATABASES[alias].update(entry)
+            # This thread's connection objects may be of dbha's backend now.
+            for alias in netfaults.ALIASES:
+                with contextlib.suppress(AttributeError):
+                    del connections[alias]
 
 
 def scenario(
