@@ -509,7 +509,8 @@ class PgServer(_Server):
         # pg_rewind reads the source's timeline from its control file, which a
         # fresh promotion updates only at its next checkpoint.
         upstream.query("checkpoint", timeout=timeout)
-        source = f"host={upstream.admin_host} port={upstream.port} user=postgres dbname=postgres"
+        # Its address, not the admin socket: -R makes this the standby's primary_conninfo.
+        source = f"host={upstream.host} port={upstream.port} user=postgres dbname=postgres"
         cmd = [str(self.bindir / "pg_rewind"), "-D", str(self.datadir)]
         cmd += ["--source-server", source, "-R", "--no-sync"]
         _check(_run(cmd, timeout=timeout, owner=self._owner), f"pg_rewind for {self.name}")
