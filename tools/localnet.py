@@ -170,6 +170,7 @@ class LocalNet:
         self._wires: dict[str, subprocess.Popen[bytes]] = {}
         assert all(len(name) <= _IFNAMSIZ for name in [self.bridge, *self._veths.values()])
         self.network: ipaddress.IPv4Network | None = None
+        self._guard: list[str] = []  # our unreachable route for the subnet
         self._addresses: dict[str, str] = {}
         self._started = False
 
@@ -210,23 +211,17 @@ class LocalNet:
         # addresses, packets must not follow the default route off the machine.
         # (Added once the bridge is up and its own route is there: a route of
         # ours without one is a dead run's, to a cleaner.)
-        _run(
-            "ip",
-            "route",
-            "add",
-            "unreachable",
-            str(self.network),
-            "metric",
-            "4000",
-            "proto",
-            ROUTE_PROTO,
-        )
+        self._guard = ["unreachable", str(self.network), "metric", "4000"]
+        _run("ip", "route", "add", *self._guard, "proto", ROUTE_PROTO)
         for host, address in zip(self.hosts, hosts, strict=True):
             netns, cable, veth = self._netns[host], self._cables[host], self._veths[host]
             inside, in_cable = ["ip", "netns", "exec", netns], ["ip", "netns", "exec", cable]
             for ns in (netns, cable):
                 _run("ip", "netns", "add", ns)
-                _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+                # No IPv6 chatter (router solicitations, MLD) on our links;
+                # through sh, not sysctl: procps may be missing.
+                knob = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
+                _run("ip", "netns", "exec", ns, "sh", "-c", f"echo 1 > {knob}", check=False)
             # Temporary names (unique in the root namespace) until moved.
             _run("ip", "link", "add", veth, "type", "veth", "peer", "name", f"{veth}u")
             self._quiet_ipv6(veth)
@@ -249,8 +244,11 @@ class LocalNet:
             self._addresses[host] = str(address)
 
     def _quiet_ipv6(self, ifname: str) -> None:
-        # No router solicitations or MLD reports from our links.
-        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as knob:
+        # No router solicitations or MLD reports from our links (no knob: no IPv6).
+        with (
+            contextlib.suppress(FileNotFoundError),
+            open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as knob,
+        ):
             knob.write("1")
 
     def _claim_network(self) -> ipaddress.IPv4Network:
@@ -290,19 +288,10 @@ class LocalNet:
                 log.exception("removing %s's namespaces failed", host)
         with contextlib.suppress(Exception):
             _run("ip", "link", "delete", self.bridge, check=False)
-        if self.network is not None:
+        if self._guard:
             # Last: until now it kept this subnet's packets on the machine.
             with contextlib.suppress(Exception):
-                _run(
-                    "ip",
-                    "route",
-                    "delete",
-                    "unreachable",
-                    str(self.network),
-                    "metric",
-                    "4000",
-                    check=False,
-                )
+                _run("ip", "route", "delete", *self._guard, check=False)
 
     # --- addressing -----------------------------------------------------------------------------
 
