@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need when missing:
-# PostgreSQL 15 server binaries, MariaDB, and what building mysqlclient (the
-# MySQL driver of Django, for dbha.backends.mysql) takes. Needs root (or sudo).
+# PostgreSQL 15 server binaries, MariaDB, what building mysqlclient (the
+# MySQL driver of Django, for dbha.backends.mysql) takes, and iproute2 and
+# nftables for the network-fault tests (namespaces, tc netem, drop rules).
+# Needs root (or sudo).
 set -euo pipefail
 
 missing=()
@@ -13,6 +15,8 @@ python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 pkg-config --exists libmariadb 2>/dev/null || missing+=(libmariadb-dev)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
 python3 -c 'import os, sysconfig; raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || missing+=(python3-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 

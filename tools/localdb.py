@@ -1,4 +1,5 @@
-"""Start and control real throwaway PostgreSQL and MariaDB servers on loopback.
+"""Start and control real throwaway PostgreSQL and MariaDB servers on loopback
+(or, for PostgreSQL, on an address in a network namespace: see localnet.py).
 
 Used by the tests, the demo and the benchmarks; stdlib only, drives the server and client binaries.
 """
@@ -210,14 +211,23 @@ class _Server:
     _stop_signal = signal.SIGTERM
 
     def __init__(
-        self, name: str, port: int | None, log_file: Path, owner: pwd.struct_passwd | None
+        self,
+        name: str,
+        port: int | None,
+        log_file: Path,
+        owner: pwd.struct_passwd | None,
+        host: str = LOOPBACK,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self.host = LOOPBACK
+        self.host = host
         self.port = port if port is not None else free_port()
         self.log_file = log_file
         self._auto_port = port is None  # only a port we chose may be swapped on a bind clash
         self._owner = owner
+        # Run as root before the server (`ip netns exec <ns>`), which then
+        # drops to `owner` itself: setns() needs root.
+        self._prefix = list(prefix)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -246,6 +256,15 @@ class _Server:
             self.log_file.touch()
             offset = self.log_file.stat().st_size
             cmd = self._command()
+            owner = self._owner
+            if self._prefix:
+                # Each step execs the next: the pid stays the server's, so
+                # signals and its process group work as without a prefix.
+                drop = []
+                if owner is not None:
+                    drop = ["setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}"]
+                    drop += ["--clear-groups", "--"]
+                cmd, owner = [*self._prefix, *drop, *cmd], None
             log.debug("start %s: %s", self.name, shlex.join(cmd))
             with self.log_file.open("ab") as out:
                 self._proc = subprocess.Popen(
@@ -256,9 +275,9 @@ class _Server:
                     start_new_session=True,  # own process group: pause/kill hit all its children
                     cwd="/",
                     env=_clean_env(),
-                    user=self._owner.pw_uid if self._owner else None,
-                    group=self._owner.pw_gid if self._owner else None,
-                    extra_groups=[] if self._owner else None,
+                    user=owner.pw_uid if owner else None,
+                    group=owner.pw_gid if owner else None,
+                    extra_groups=[] if owner else None,
                 )
             _register(self, self.stop)
             if self._wait_ready(timeout, offset):
@@ -402,7 +421,12 @@ host replication all ::1/128 trust
 
 
 class PgServer(_Server):
-    """One PostgreSQL server (postmaster run directly) on 127.0.0.1 and a private unix socket."""
+    """One PostgreSQL server (postmaster run directly) on 127.0.0.1 and a private unix socket.
+
+    With `host` and `prefix` (`ip netns exec <ns>`), it listens on that
+    address in that namespace instead; our own queries then go through the
+    unix socket, which no network fault reaches.
+    """
 
     _stop_signal = signal.SIGINT  # "fast" shutdown: abort sessions, checkpoint, exit
 
@@ -413,13 +437,15 @@ class PgServer(_Server):
         port: int | None = None,
         socket_dir: Path | None = None,
         log_file: Path | None = None,
+        host: str = LOOPBACK,
+        prefix: Sequence[str] = (),
     ) -> None:
-        super().__init__(
-            name, port, log_file or datadir.parent / f"{name}.log", _server_user("postgres")
-        )
+        log_file = log_file or datadir.parent / f"{name}.log"
+        super().__init__(name, port, log_file, _server_user("postgres"), host, prefix)
         self.datadir = datadir
         self.socket_dir = socket_dir or datadir.parent / f"{name}-sock"
         self.bindir = pg_bindir()
+        self.admin_host = str(self.socket_dir) if prefix else host
 
     def start(self, timeout: float = 30) -> None:
         """Start the postmaster and wait until it accepts queries (primary or hot standby)."""
@@ -438,7 +464,7 @@ class PgServer(_Server):
             "-c",
             f"port={self.port}",
             "-c",
-            f"listen_addresses={LOOPBACK}",
+            f"listen_addresses={self.host}",
             "-c",
             f"unix_socket_directories={self.socket_dir}",
         ]
@@ -447,14 +473,15 @@ class PgServer(_Server):
         return self._psql("select 1", "postgres", timeout).returncode == 0
 
     def _psql(self, sql: str, dbname: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bindir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", self.host]
+        cmd = [str(self.bindir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-h", self.admin_host]
         cmd += ["-p", str(self.port), "-U", "postgres", "-d", dbname, "-Atc", sql]
         # A hung server accepts the TCP connect but never answers; bound that wait as well.
         connect_timeout = str(max(1, min(int(timeout) - 1, 5)))
         return _run(cmd, timeout=timeout, env=_clean_env(PGCONNECT_TIMEOUT=connect_timeout))
 
     def query(self, sql: str, dbname: str = "postgres", timeout: float = 10) -> str:
-        """Run `sql` with psql over TCP as postgres; return unaligned tuples-only output."""
+        """Run `sql` with psql as postgres (over TCP, or in a namespace the
+        unix socket); return unaligned tuples-only output."""
         return self._output(self._psql(sql, dbname, timeout), sql)
 
     @contextlib.contextmanager
@@ -482,7 +509,8 @@ class PgServer(_Server):
         # pg_rewind reads the source's timeline from its control file, which a
         # fresh promotion updates only at its next checkpoint.
         upstream.query("checkpoint", timeout=timeout)
-        source = f"host={LOOPBACK} port={upstream.port} user=postgres dbname=postgres"
+        # Its address, not the admin socket: -R makes this the standby's primary_conninfo.
+        source = f"host={upstream.host} port={upstream.port} user=postgres dbname=postgres"
         cmd = [str(self.bindir / "pg_rewind"), "-D", str(self.datadir)]
         cmd += ["--source-server", source, "-R", "--no-sync"]
         _check(_run(cmd, timeout=timeout, owner=self._owner), f"pg_rewind for {self.name}")
@@ -496,13 +524,24 @@ class PgServer(_Server):
 
 
 class PgCluster:
-    """A primary and N hot standbys streaming from it (pg_basebackup -R), all on loopback."""
+    """A primary and N hot standbys streaming from it (pg_basebackup -R), all on loopback.
+
+    Or each on its own address (`hosts`) in its own namespace (`prefixes`,
+    e.g. `ip netns exec <ns>`), the standbys streaming from the primary's
+    address, so that cutting the network between them cuts replication.
+    """
 
     def __init__(
-        self, standbys: int = 2, ports: list[int] | None = None, base_dir: Path | None = None
+        self,
+        standbys: int = 2,
+        ports: list[int] | None = None,
+        base_dir: Path | None = None,
+        hosts: list[str] | None = None,
+        prefixes: list[list[str]] | None = None,
     ) -> None:
-        if ports is not None and len(ports) != standbys + 1:
-            raise ValueError(f"need {standbys + 1} ports (primary first), got {len(ports)}")
+        for what, given in (("ports", ports), ("hosts", hosts), ("prefixes", prefixes)):
+            if given is not None and len(given) != standbys + 1:
+                raise ValueError(f"need {standbys + 1} {what} (primary first), got {len(given)}")
         self._owns_dir = base_dir is None
         if base_dir is None:
             base_dir = Path(tempfile.mkdtemp(prefix="localdb-pg-"))
@@ -516,6 +555,8 @@ class PgCluster:
                 port=ports[i] if ports else None,
                 socket_dir=base_dir / f"{name}-sock",
                 log_file=base_dir / f"{name}.log",
+                host=hosts[i] if hosts else LOOPBACK,
+                prefix=prefixes[i] if prefixes else (),
             )
             for i, name in enumerate(names)
         ]
@@ -566,13 +607,17 @@ class PgCluster:
         with (datadir / "postgresql.conf").open("a") as conf:
             conf.write("\n# localdb\n")
             conf.writelines(f"{key} = {value}\n" for key, value in _PG_CONF.items())
-        (datadir / "pg_hba.conf").write_text(_PG_HBA)
+        hba = _PG_HBA
+        if self.primary.host != LOOPBACK:
+            # The namespaces' subnet: the caller (its bridge) and the other nodes.
+            hba += "host all all samenet trust\nhost replication all samenet trust\n"
+        (datadir / "pg_hba.conf").write_text(hba)
 
     def _start_standby(self, standby: PgServer) -> None:
         _mkdir(standby.datadir, self._owner, 0o700)
         # application_name ends up in primary_conninfo, so pg_stat_replication names the standby.
         conninfo = (
-            f"host={LOOPBACK} port={self.primary.port} user=postgres "
+            f"host={self.primary.host} port={self.primary.port} user=postgres "
             f"application_name={standby.name}"
         )
         cmd = [str(pg_bindir() / "pg_basebackup"), "-D", str(standby.datadir), "-d", conninfo]

@@ -28,7 +28,7 @@ def configure(cluster: PgCluster, dbha: dict[str, Any] | None = None) -> type[An
         DATABASES={
             alias: {
                 "ENGINE": REPORTING_ENGINE,
-                "HOST": "127.0.0.1",
+                "HOST": server.host,
                 "PORT": server.port,
                 "NAME": "postgres",
                 "USER": "postgres",
