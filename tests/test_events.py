@@ -122,9 +122,13 @@ def test_the_rust_side_logs_at_the_loggers_level(
         dbha.check_now()
     assert [r.getMessage() for r in probe_lines()] == [], "nothing below INFO is delivered"
     caplog.set_level(logging.DEBUG, logger="dbha")
+
+    def primary_lines() -> list[logging.LogRecord]:
+        dbha.check_now()
+        return [r for r in probe_lines() if "primary" in r.getMessage() and " ms" in r.getMessage()]
+
     # The events thread looks at the level at least once a second.
-    wait_for(lambda: dbha.check_now() and probe_lines(), what="debug lines")
-    assert any("primary" in r.getMessage() and " ms" in r.getMessage() for r in probe_lines())
+    wait_for(primary_lines, what="a debug line of the primary's probe")
 
 
 def test_a_receiver_that_raises_or_stalls_never_disturbs_routing(
