@@ -206,17 +206,11 @@ def test_after_the_heal_writes_stay_on_the_new_timeline(cut: netfaults.Outcome) 
     assert cut.writer_changes == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dbha trusts each standby's own lag, 0 while its WAL receiver still "
-    "counts as connected (wal_receiver_timeout, 60 s) and has replayed what it "
-    "received: a standby cut off from its primary, or streaming from a fenced one, "
-    "serves ever older data (src/engines/postgres/mod.rs ROLE_QUERY, "
-    "src/checker/reads.rs choose_readers)",
-)
 def test_standbys_cut_off_serve_no_reads_past_the_lag_bound(cut: netfaults.Outcome) -> None:
     stale = cut.stale_reads()
-    assert stale == [], f"{len(stale)} reads, worst {max(s for _, s in stale):.2f} s stale"
+    marks = {"fault": cut.fault_at, "promoting": cut.promoting, "promoted": cut.promoted}
+    when = {name: f"{at:.2f}" for name, at in marks.items() if at is not None}
+    assert stale == [], f"{len(stale)} reads, worst {max(s for _, s in stale):.2f} s stale: {stale[:3]} {when} {cut.writers}"
 
 
 # --- loss and latency on one link ---------------------------------------------------------------

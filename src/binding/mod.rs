@@ -207,6 +207,7 @@ fn simulate(
                 .transpose()?,
             timeline,
             position: None,
+            upstream_timeline: None,
         })),
         Some("refused") => Some(Err(Failure::Refused)),
         Some("timeout") => Some(Err(Failure::Timeout)),

@@ -27,10 +27,18 @@ pub struct Readers {
 /// Standbys that are up and whose lag bound (the measured lag plus the time
 /// since it was measured) is within `max_lag` now; a lag the probe could not
 /// measure does not qualify. With `ReadMode::Any` the writer too.
+///
+/// A standby's own account of its lag is not the last word: one cut off
+/// from its primary by a network partition still has a WAL receiver, and
+/// reports lag 0 until the receiver times out. So its lag is at least how
+/// long ago the writer's `log` shows a position it had not replayed when
+/// it was probed; and one whose upstream timeline is older than the
+/// writer's follows a primary a promotion left behind.
 pub fn choose_readers(
     members: Range<usize>,
     nodes: &[NodeHealth],
     writer: Option<usize>,
+    log: &WriteLog,
     reads: &Reads,
     now: Instant,
 ) -> Readers {
@@ -38,15 +46,22 @@ pub fn choose_readers(
         return Readers::default();
     }
     let limit = reads.max_lag.saturating_sub(LAG_MARGIN);
+    let writer_timeline = writer.and_then(|w| nodes[w].timeline);
     members.clone().fold(Readers::default(), |mut readers, i| {
         let node = &nodes[i];
         let writer_too = reads.mode == ReadMode::Any && Some(i) == writer;
+        let left_behind = matches!(
+            (node.upstream_timeline, writer_timeline),
+            (Some(upstream), Some(newest)) if upstream < newest
+        );
         let fresh_until = match (
-            node.is_up() && node.role == Some(Role::Standby),
+            node.is_up() && node.role == Some(Role::Standby) && !left_behind,
             node.lag,
             node.measured_at,
         ) {
-            (true, Some(lag), Some(at)) => limit.checked_sub(lag).map(|left| at + left),
+            (true, Some(lag), Some(at)) => limit
+                .checked_sub(lag.max(log.behind(node)))
+                .map(|left| at + left),
             _ => None,
         }
         .filter(|until| *until > now);
@@ -140,6 +155,33 @@ impl WriteLog {
             self.entries.pop_front();
         }
         self.entries.push_back((number, position, sent));
+    }
+
+    /// How far behind `standby` may have been when probed, as the writer's
+    /// positions show. Zero while it had replayed every position the writer
+    /// showed before its probe (a writer probe sent in the same instant
+    /// proves nothing: the standby replays it a moment later). Otherwise
+    /// it lacked commits made after the last writer probe whose position it
+    /// had replayed: as long ago as that probe (all of time, if none).
+    pub fn behind(&self, standby: &NodeHealth) -> Duration {
+        /// Writer probes this close before the standby's are concurrent.
+        const CONCURRENT: Duration = Duration::from_millis(100);
+        let (Some(replayed), Some(at)) = (standby.position, standby.measured_at) else {
+            return Duration::ZERO;
+        };
+        let lacks = self.entries.iter().any(|(_, written, sent)| {
+            *sent + CONCURRENT <= at && written.is_some_and(|written| written > replayed)
+        });
+        if !lacks {
+            return Duration::ZERO;
+        }
+        self.entries
+            .iter()
+            .rev()
+            .find(|(_, written, _)| written.is_some_and(|written| written <= replayed))
+            .map_or(Duration::MAX, |(_, _, sent)| {
+                at.saturating_duration_since(*sent)
+            })
     }
 
     /// A new writer: its positions do not compare with the old one's.
@@ -237,7 +279,14 @@ mod tests {
             standby(Some(9), now),
             standby(None, now),
         ];
-        let replicas = choose_readers(0..4, &n, Some(0), &reads(ReadMode::Replicas), now);
+        let replicas = choose_readers(
+            0..4,
+            &n,
+            Some(0),
+            &WriteLog::default(),
+            &reads(ReadMode::Replicas),
+            now,
+        );
         assert_eq!(replicas.mask, 0b0010);
         assert_eq!(
             replicas.expires,
@@ -245,17 +294,106 @@ mod tests {
             Some(now + Duration::from_millis(4980))
         );
         assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Any), now).mask,
+            choose_readers(
+                0..4,
+                &n,
+                Some(0),
+                &WriteLog::default(),
+                &reads(ReadMode::Any),
+                now
+            )
+            .mask,
             0b0011
         );
         assert_eq!(
-            choose_readers(0..4, &n, Some(0), &reads(ReadMode::Writer), now).mask,
+            choose_readers(
+                0..4,
+                &n,
+                Some(0),
+                &WriteLog::default(),
+                &reads(ReadMode::Writer),
+                now
+            )
+            .mask,
             0
         );
         // Offsets are relative to the group.
         assert_eq!(
-            choose_readers(1..4, &n, Some(0), &reads(ReadMode::Replicas), now).mask,
+            choose_readers(
+                1..4,
+                &n,
+                Some(0),
+                &WriteLog::default(),
+                &reads(ReadMode::Replicas),
+                now
+            )
+            .mask,
             0b001
+        );
+    }
+
+    #[test]
+    fn a_standby_cut_off_from_its_primary_is_as_far_behind_as_the_writer_shows() {
+        let start = Instant::now();
+        let second = |n: u64| start + Duration::from_secs(n);
+        // The writer's positions grow each second; the standby, cut off,
+        // stays at 100 and (its receiver not knowing yet) reports lag 0.
+        let mut log = WriteLog::default();
+        for n in 0..8 {
+            log.record(n + 1, Some(100 + n * 10), second(n));
+        }
+        let mut cut_off = standby(Some(0), second(7));
+        cut_off.position = Some(100);
+        let mut streaming = standby(Some(0), second(7));
+        streaming.position = Some(170);
+        // It has what the writer had at 0 s, and lacks what it had at 1 s.
+        assert_eq!(log.behind(&cut_off), Duration::from_secs(7));
+        assert_eq!(log.behind(&streaming), Duration::ZERO);
+        let mut lost = standby(Some(0), second(7));
+        lost.position = Some(50);
+        assert_eq!(log.behind(&lost), Duration::MAX, "behind all the log shows");
+        let n = [primary(), cut_off, streaming];
+        let replicas = reads(ReadMode::Replicas);
+        let readers = choose_readers(0..3, &n, Some(0), &log, &replicas, second(7));
+        assert_eq!(
+            readers.mask, 0b100,
+            "7 s behind, past MAX_REPLICA_LAG = 5 s"
+        );
+        // Probed before the writer's later probes: only those before count,
+        // and the one sent with its own probe is concurrent.
+        let mut probed_early = n[1].clone();
+        probed_early.measured_at = Some(second(3));
+        assert_eq!(log.behind(&probed_early), Duration::from_secs(3));
+        let mut in_step = n[1].clone();
+        in_step.measured_at = Some(second(1));
+        assert_eq!(
+            log.behind(&in_step),
+            Duration::ZERO,
+            "the writer's probe at 1 s is concurrent"
+        );
+    }
+
+    #[test]
+    fn a_standby_following_a_primary_left_behind_serves_no_reads() {
+        let now = Instant::now();
+        let mut writer = primary();
+        writer.timeline = Some(2);
+        let mut behind = standby(Some(0), now);
+        behind.upstream_timeline = Some(1);
+        let mut following = standby(Some(0), now);
+        following.upstream_timeline = Some(2);
+        let n = [writer, behind, following, standby(Some(0), now)];
+        let readers = choose_readers(
+            0..4,
+            &n,
+            Some(0),
+            &WriteLog::default(),
+            &reads(ReadMode::Replicas),
+            now,
+        );
+        assert_eq!(
+            readers.mask, 0b1100,
+            "timeline 1 under a writer on 2; unknown ones stay"
         );
     }
 
@@ -268,15 +406,36 @@ mod tests {
             standby(Some(4), measured),
             standby(Some(1), measured),
         ];
-        let at_once = choose_readers(0..3, &n, Some(0), &reads(ReadMode::Replicas), measured);
+        let at_once = choose_readers(
+            0..3,
+            &n,
+            Some(0),
+            &WriteLog::default(),
+            &reads(ReadMode::Replicas),
+            measured,
+        );
         assert_eq!(at_once.mask, 0b110);
         assert_eq!(at_once.expires, Some(measured + Duration::from_millis(980)));
         let later = measured + Duration::from_secs(1);
-        let then = choose_readers(0..3, &n, Some(0), &reads(ReadMode::Replicas), later);
+        let then = choose_readers(
+            0..3,
+            &n,
+            Some(0),
+            &WriteLog::default(),
+            &reads(ReadMode::Replicas),
+            later,
+        );
         assert_eq!(then.mask, 0b100, "its lag could be 5 s by now");
         assert_eq!(then.expires, Some(measured + Duration::from_millis(3980)));
         let much_later = measured + Duration::from_secs(10);
-        let none = choose_readers(0..3, &n, Some(0), &reads(ReadMode::Replicas), much_later);
+        let none = choose_readers(
+            0..3,
+            &n,
+            Some(0),
+            &WriteLog::default(),
+            &reads(ReadMode::Replicas),
+            much_later,
+        );
         assert_eq!(none, Readers::default());
     }
 
@@ -286,7 +445,15 @@ mod tests {
         let mut n = [primary(), standby(Some(0), now)];
         n[1].health = Health::Down;
         assert_eq!(
-            choose_readers(0..2, &n, Some(0), &reads(ReadMode::Replicas), now).mask,
+            choose_readers(
+                0..2,
+                &n,
+                Some(0),
+                &WriteLog::default(),
+                &reads(ReadMode::Replicas),
+                now
+            )
+            .mask,
             0
         );
     }

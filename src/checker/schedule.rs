@@ -1132,6 +1132,7 @@ impl Scheduler {
                 members.clone(),
                 &self.state.nodes,
                 self.state.writers[g],
+                &self.write_logs[g],
                 &config.reads,
                 now,
             );

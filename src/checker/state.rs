@@ -56,6 +56,8 @@ pub struct NodeHealth {
     pub lag: Option<Duration>,
     pub timeline: Option<u64>,
     pub position: Option<u64>,
+    /// A standby's upstream timeline (see [`Observation::upstream_timeline`]).
+    pub upstream_timeline: Option<u64>,
     /// When the last successful probe began: its lag is a bound only for
     /// that moment, and grows by the time since.
     pub measured_at: Option<Instant>,
@@ -75,6 +77,7 @@ impl Default for NodeHealth {
             lag: None,
             timeline: None,
             position: None,
+            upstream_timeline: None,
             measured_at: None,
         }
     }
@@ -104,6 +107,7 @@ impl NodeHealth {
                 self.lag = observation.lag;
                 self.timeline = observation.timeline;
                 self.position = observation.position;
+                self.upstream_timeline = observation.upstream_timeline;
                 self.measured_at = Some(outcome.started);
                 self.successes = self.successes.saturating_add(1);
                 self.failures = 0;

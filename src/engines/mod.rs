@@ -82,6 +82,10 @@ pub struct Observation {
     /// every commit that primary had made when it reported it (PostgreSQL:
     /// WAL insert or replay LSN; MariaDB: GTID sequence number).
     pub position: Option<u64>,
+    /// On a standby, the timeline of the WAL it receives (PostgreSQL): one
+    /// older than the writer's means it follows a primary a promotion left
+    /// behind. `None` when unknown.
+    pub upstream_timeline: Option<u64>,
 }
 
 impl fmt::Display for Observation {

@@ -493,6 +493,7 @@ mod tests {
             lag: Some(Duration::from_secs(7)),
             timeline: None,
             position: None,
+            upstream_timeline: None,
         };
         assert_eq!(session.observe(soon()), Ok(expected));
         assert_eq!(session.observe(soon()), Ok(expected));

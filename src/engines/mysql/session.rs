@@ -53,6 +53,7 @@ impl MySqlSession {
             lag,
             timeline,
             position,
+            upstream_timeline: None,
         })
     }
 

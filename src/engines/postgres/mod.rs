@@ -14,7 +14,8 @@ use crate::engines::{Observation, Role, Server, Session};
 use crate::net::{self, Endpoint, Failure};
 use session::{ssl_request_answer, startup_message, Connection, SSL_REQUEST};
 
-/// Role, replay lag (seconds), timeline and WAL position, in one round trip.
+/// Role, replay lag (seconds), timeline, WAL position and a standby's
+/// upstream timeline, in one round trip.
 ///
 /// `pg_is_in_recovery()` is read once (a volatile function keeps the
 /// subquery from being flattened), so a promotion mid-statement cannot mix
@@ -32,6 +33,11 @@ use session::{ssl_request_answer, startup_message, Connection, SSL_REQUEST};
 /// has been written after: it counts as the page's start, where a standby
 /// that replayed everything stands. Otherwise an idle primary (after a WAL
 /// switch, say) would look ahead of every standby for good.
+///
+/// A standby's upstream timeline is the one its WAL receiver streams (NULL
+/// without a receiver, or for a user not allowed to see it): a standby
+/// still streaming from a primary that a promotion left behind is on an
+/// older timeline than the writer, and replays writes that are lost.
 const ROLE_QUERY: &str = "\
 SELECT standby,
        CASE WHEN NOT standby THEN 0
@@ -49,7 +55,8 @@ SELECT standby,
                                current_setting('wal_block_size')::numeric AS page,
                                pg_size_bytes(current_setting('wal_segment_size')) AS segment)
                        AS wal)
-       END
+       END,
+       CASE WHEN standby THEN (SELECT received_tli FROM pg_stat_wal_receiver) END
 FROM (SELECT pg_is_in_recovery() AS standby) AS recovery";
 
 /// How long dropping a session may spend saying goodbye.
@@ -134,7 +141,7 @@ fn parse_role_row(row: &[Option<String>]) -> Result<Observation, Failure> {
             "role query returned {what}: {row:?}"
         )))
     };
-    let [standby, lag, timeline, position] = row else {
+    let [standby, lag, timeline, position, upstream] = row else {
         return Err(bad("the wrong number of columns"));
     };
     let role = match standby.as_deref() {
@@ -157,13 +164,18 @@ fn parse_role_row(row: &[Option<String>]) -> Result<Observation, Failure> {
             )
         }
     };
-    let timeline = match timeline.as_deref() {
-        None => None,
-        Some(text) => Some(u64::from(
-            text.parse::<u32>()
-                .map_err(|_| bad("a timeline that is not a number"))?,
-        )),
+    let timeline_of = |column: &Option<String>| -> Result<Option<u64>, Failure> {
+        column
+            .as_deref()
+            .map(|text| {
+                text.parse::<u32>()
+                    .map(u64::from)
+                    .map_err(|_| bad("a timeline that is not a number"))
+            })
+            .transpose()
     };
+    let timeline = timeline_of(timeline)?;
+    let upstream_timeline = timeline_of(upstream)?;
     let position = match position.as_deref() {
         None => None,
         Some(text) => Some(
@@ -176,6 +188,7 @@ fn parse_role_row(row: &[Option<String>]) -> Result<Observation, Failure> {
         lag,
         timeline,
         position,
+        upstream_timeline,
     })
 }
 
@@ -228,8 +241,14 @@ mod tests {
 
     #[test]
     fn role_rows() {
-        let primary =
-            parse_role_row(&row(&[Some("f"), Some("0"), Some("3"), Some("50331808")])).unwrap();
+        let primary = parse_role_row(&row(&[
+            Some("f"),
+            Some("0"),
+            Some("3"),
+            Some("50331808"),
+            None,
+        ]))
+        .unwrap();
         assert_eq!(
             primary,
             Observation {
@@ -237,40 +256,54 @@ mod tests {
                 lag: Some(Duration::ZERO),
                 timeline: Some(3),
                 position: Some(50_331_808),
+                upstream_timeline: None,
             }
         );
-        let standby =
-            parse_role_row(&row(&[Some("t"), Some("2.500000"), None, Some("7")])).unwrap();
+        let standby = parse_role_row(&row(&[
+            Some("t"),
+            Some("2.500000"),
+            None,
+            Some("7"),
+            Some("2"),
+        ]))
+        .unwrap();
+        assert_eq!(standby.upstream_timeline, Some(2));
         assert_eq!(standby.role, Some(Role::Standby));
         assert_eq!(standby.lag, Some(Duration::from_millis(2500)));
         assert_eq!((standby.timeline, standby.position), (None, Some(7)));
         // Nothing replayed yet: unknown; clock skew: clamped.
         assert_eq!(
-            parse_role_row(&row(&[Some("t"), None, None, None]))
+            parse_role_row(&row(&[Some("t"), None, None, None, None]))
                 .unwrap()
                 .lag,
             None
         );
         assert_eq!(
-            parse_role_row(&row(&[Some("t"), Some("-0.004"), None, None]))
+            parse_role_row(&row(&[Some("t"), Some("-0.004"), None, None, None]))
                 .unwrap()
                 .lag,
             Some(Duration::ZERO)
         );
         // Timelines go up to 2^32 - 1.
         assert_eq!(
-            parse_role_row(&row(&[Some("f"), Some("0"), Some("4294967295"), None]))
-                .unwrap()
-                .timeline,
+            parse_role_row(&row(&[
+                Some("f"),
+                Some("0"),
+                Some("4294967295"),
+                None,
+                None
+            ]))
+            .unwrap()
+            .timeline,
             Some(u64::from(u32::MAX))
         );
         for bad in [
-            row(&[Some("x"), Some("0"), None, None]),
-            row(&[None, Some("0"), None, None]),
-            row(&[Some("t"), Some("soon"), None, None]),
-            row(&[Some("t"), Some("NaN"), None, None]),
-            row(&[Some("f"), Some("0"), Some("-1"), None]),
-            row(&[Some("f"), Some("0"), Some("1"), Some("0/0")]),
+            row(&[Some("x"), Some("0"), None, None, None]),
+            row(&[None, Some("0"), None, None, None]),
+            row(&[Some("t"), Some("soon"), None, None, None]),
+            row(&[Some("t"), Some("NaN"), None, None, None]),
+            row(&[Some("f"), Some("0"), Some("-1"), None, None]),
+            row(&[Some("f"), Some("0"), Some("1"), Some("0/0"), None]),
             row(&[Some("f"), Some("0"), Some("1")]),
         ] {
             assert!(
@@ -453,8 +486,8 @@ mod tests {
         let (port, received) = serve(|stream| {
             greet(stream);
             for answer in [
-                [Some("f"), Some("0"), Some("2"), Some("100")],
-                [Some("t"), Some("1.25"), None, Some("90")],
+                [Some("f"), Some("0"), Some("2"), Some("100"), None],
+                [Some("t"), Some("1.25"), None, Some("90"), None],
             ] {
                 let (tag, sql) = read_message(stream);
                 assert_eq!(
@@ -1030,7 +1063,7 @@ mod tests {
         let (port, idle) = idle_then(notices, false, |stream| {
             read_message(stream);
             let mut reply = message(b'T', &[0, 0]);
-            reply.extend(data_row(&[Some("t"), Some("0"), None, Some("5")]));
+            reply.extend(data_row(&[Some("t"), Some("0"), None, Some("5"), None]));
             reply.extend(message(b'C', b"SELECT 1\0"));
             reply.extend(ready());
             stream.write_all(&reply).unwrap();
