@@ -210,7 +210,8 @@ def test_standbys_cut_off_serve_no_reads_past_the_lag_bound(cut: netfaults.Outco
     stale = cut.stale_reads()
     marks = {"fault": cut.fault_at, "promoting": cut.promoting, "promoted": cut.promoted}
     when = {name: f"{at:.2f}" for name, at in marks.items() if at is not None}
-    assert stale == [], f"{len(stale)} reads, worst {max(s for _, s in stale):.2f} s stale: {stale[:3]} {when} {cut.writers}"
+    worst = max((s for _, s in stale), default=0.0)
+    assert stale == [], f"{len(stale)} reads, worst {worst:.2f} s: {stale[:3]} {when} {cut.writers}"
 
 
 # --- loss and latency on one link ---------------------------------------------------------------
