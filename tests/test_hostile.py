@@ -373,9 +373,9 @@ def pg_error(severity: bytes, code: bytes, text: bytes) -> bytes:
 PG_READY = pg(b"Z", b"I")
 PG_LOGIN = pg_auth(0) + pg(b"S", b"server_version\0" + b"16.0\0") + pg(b"K", bytes(8)) + PG_READY
 PG_ANSWER = (
-    pg(b"T", b"\0\0") + pg_row(b"f", b"0", b"1", b"100") + pg(b"C", b"SELECT 1\0") + PG_READY
+    pg(b"T", b"\0\0") + pg_row(b"f", b"0", b"1", b"100", b"1") + pg(b"C", b"SELECT 1\0") + PG_READY
 )
-PG_ROWS = pg_row(b"t", b"0.5", b"1", b"100") * 40_000
+PG_ROWS = pg_row(b"t", b"0.5", b"1", b"100", b"1") * 40_000
 PG_PARAMETERS = pg(b"S", b"TimeZone\0UTC\0") * 50_000
 PG_NOTICES = pg(b"N", b"SWARNING\0C01000\0Mhello\0\0") * 30_000
 #: More than dbha reads of any message (1 MiB).
