@@ -79,7 +79,7 @@ def test_a_failed_write_report_follows_the_promotion_at_once(cluster: Cluster) -
         promoted = time.monotonic()
         dbha.report_failure("default")
         wait_for(lambda: writer_is("failover2"), timeout=3, what="the re-probe")
-        assert time.monotonic() - promoted < 1.0
+        assert time.monotonic() - promoted < 2.0  # generous: a loaded 2-core machine
         # Down without waiting for FALL=5: its closed session and a refused
         # connection agree.
         assert status("default").state == "down"
