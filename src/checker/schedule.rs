@@ -908,7 +908,11 @@ impl Scheduler {
         let mut downed = Vec::new();
         self.state.reports.clone_from(&control.report_counts);
         for (node, &reported) in control.reported.iter().enumerate() {
-            if reported && self.state.nodes[node].failures > 0 {
+            let failing = &self.state.nodes[node];
+            if reported
+                && failing.failures > 0
+                && failing.last_error.as_ref().is_some_and(corroborates)
+            {
                 // Decided already: the reporter need not wait for a probe.
                 control.reports_checked[node] = control.report_tickets[node];
                 confirmed |= !self.state.reported_failing[node];
@@ -995,7 +999,7 @@ impl Scheduler {
             if let Some(in_flight) = in_flight {
                 // The lag was measured no earlier than the request was sent.
                 started = in_flight.sent;
-                if in_flight.report > 0 && result.is_err() {
+                if in_flight.report > 0 && result.as_ref().is_err_and(corroborates) {
                     confirmed = true;
                     // Requests routed there fail at once (`Route::Failing`).
                     self.state.reported_failing[node] = true;
@@ -1530,6 +1534,15 @@ fn probe_thread(
     }
 }
 
+/// Whether a failed probe of a node the application reported failing
+/// confirms the report. Not a fresh connection that got no answer at all
+/// while the kept session answered: on a lossy link that is the same loss
+/// the application met, not a second witness (a stuck postmaster answers
+/// the TCP connect and then nothing: that confirms).
+fn corroborates(failure: &Failure) -> bool {
+    !matches!(failure, Failure::NoNewSessions(inner) if **inner == Failure::Unreachable)
+}
+
 /// Runs a probe step, turning a panic (a bug) into an `Internal` failure.
 fn guarded<T>(step: impl FnOnce() -> T) -> Result<T, Failure> {
     panic::catch_unwind(AssertUnwindSafe(step))
@@ -1595,6 +1608,9 @@ mod tests {
         /// The kept session answers (a primary on timeline 1); a new
         /// connection hangs until the deadline.
         NoNewSessionsHang,
+        /// The kept session answers; a new connection's SYNs get no answer
+        /// (a lossy link).
+        NoNewSessionsUnreachable,
         Refused,
         Hang,
         Panic,
@@ -1655,11 +1671,16 @@ mod tests {
                     thread::sleep(timeout);
                     Err(Failure::NoNewSessions(Box::new(Failure::Timeout)))
                 }
+                Answer::NoNewSessionsUnreachable if check => {
+                    Err(Failure::NoNewSessions(Box::new(Failure::Unreachable)))
+                }
                 Answer::NoNewSessionsHang => Ok(Observation {
                     timeline: Some(1),
                     ..role(Role::Primary, None)
                 }),
-                Answer::Primary | Answer::NoNewSessions => Ok(role(Role::Primary, None)),
+                Answer::Primary | Answer::NoNewSessions | Answer::NoNewSessionsUnreachable => {
+                    Ok(role(Role::Primary, None))
+                }
                 Answer::PrimaryAt(timeline, position) => Ok(Observation {
                     timeline: Some(timeline),
                     position: Some(position),
@@ -2442,6 +2463,32 @@ mod tests {
         // One check, not FALL = 1000 of them.
         assert_eq!(checker.snapshot().nodes[0].failures, 1);
         assert!(!checker.snapshot().nodes[0].is_up());
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_fresh_connection_lost_on_the_way_does_not_confirm_a_report() {
+        // A lossy link: the application's connect and dbha's fresh one may
+        // both time out, while the kept session answers. One loss, twice
+        // seen: FALL decides, not the report.
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("FALL", Value::Int(1000)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(0)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        script.set("a", Answer::NoNewSessionsUnreachable);
+        for _ in 0..3 {
+            checker.report_failure(0);
+        }
+        settle(&checker);
+        let node = &checker.snapshot().nodes[0];
+        assert!(node.is_up(), "{node:?}");
+        assert!(node.failures >= 1, "the checks failed");
+        assert_eq!(writer(&checker), Route::Healthy(0));
         checker.stop(true);
     }
 

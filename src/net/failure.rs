@@ -9,6 +9,9 @@ pub enum Failure {
     Dns(String),
     Refused,
     Timeout,
+    /// A TCP connect got no answer within the deadline (SYNs lost or
+    /// dropped): the host, or the path to it, is silent.
+    Unreachable,
     /// Any other connect or I/O error, as the OS words it.
     Network(String),
     /// The server closed the connection before it answered.
@@ -31,7 +34,7 @@ pub enum Failure {
 
 impl Failure {
     /// Every [`Failure::kind`], in a fixed order: counters index by it.
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 12] = [
         "dns",
         "refused",
         "timeout",
@@ -43,6 +46,7 @@ impl Failure {
         "tls",
         "no_new_sessions",
         "internal",
+        "unreachable",
     ];
 
     /// A short stable name for the kind of failure (a metrics label).
@@ -64,6 +68,7 @@ impl Failure {
             Self::Tls(_) => 8,
             Self::NoNewSessions(_) => 9,
             Self::Internal(_) => 10,
+            Self::Unreachable => 11,
         }
     }
 }
@@ -77,6 +82,7 @@ impl fmt::Display for Failure {
             Self::Dns(e) => format!("DNS failure: {e}"),
             Self::Refused => return f.write_str("connection refused"),
             Self::Timeout => return f.write_str("timeout"),
+            Self::Unreachable => return f.write_str("timeout (no answer to connect)"),
             Self::Network(e) => format!("network error: {e}"),
             Self::Closed => return f.write_str("closed by server before answering"),
             Self::BadHandshake(e) => format!("bad handshake: {e}"),
@@ -207,6 +213,11 @@ mod tests {
         let no_new = Failure::NoNewSessions(Box::new(Failure::Refused));
         assert_eq!(no_new.kind(), "no_new_sessions");
         assert_eq!(Failure::Internal(String::new()).kind(), "internal");
+        assert_eq!(Failure::Unreachable.kind(), "unreachable");
+        assert_eq!(
+            Failure::Unreachable.to_string(),
+            "timeout (no answer to connect)"
+        );
     }
 
     #[test]

@@ -64,7 +64,12 @@ fn connect_tcp(address: SocketAddr, timeout: Duration) -> Result<Socket, Failure
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    socket.connect_timeout(&address.into(), timeout)?;
+    socket
+        .connect_timeout(&address.into(), timeout)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => Failure::Unreachable,
+            _ => e.into(),
+        })?;
     Ok(socket)
 }
 
