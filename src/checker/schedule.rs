@@ -895,7 +895,9 @@ impl Scheduler {
     /// a node whose own last probe failed too is a confirmation (two
     /// independent attempts agree): the node is down now, not after FALL,
     /// and requests routed to it while no other node takes the writes fail
-    /// at once (`Route::Failing`). The reports stay for the next round,
+    /// at once (`Route::Failing`). When the network lost that probe's
+    /// packets, FALL still decides when it is down (a lossy link must not
+    /// flap), but from then on its requests fail at once too. The reports stay for the next round,
     /// which checks those nodes for new sessions.
     fn take_reports(&mut self) {
         let shared = Arc::clone(&self.shared);
@@ -909,14 +911,15 @@ impl Scheduler {
         self.state.reports.clone_from(&control.report_counts);
         for (node, &reported) in control.reported.iter().enumerate() {
             let failing = &self.state.nodes[node];
-            if reported
-                && failing.failures > 0
-                && failing.last_error.as_ref().is_some_and(corroborates)
-            {
+            if !reported || failing.failures == 0 {
+                continue;
+            }
+            let corroborated = failing.last_error.as_ref().is_some_and(corroborates);
+            confirmed |= !self.state.reported_failing[node];
+            self.state.reported_failing[node] = true;
+            if corroborated {
                 // Decided already: the reporter need not wait for a probe.
                 control.reports_checked[node] = control.report_tickets[node];
-                confirmed |= !self.state.reported_failing[node];
-                self.state.reported_failing[node] = true;
                 let health = &mut self.state.nodes[node];
                 if health.health == Health::Up {
                     health.health = Health::Down;
@@ -999,10 +1002,12 @@ impl Scheduler {
             if let Some(in_flight) = in_flight {
                 // The lag was measured no earlier than the request was sent.
                 started = in_flight.sent;
-                if in_flight.report > 0 && result.as_ref().is_err_and(corroborates) {
-                    confirmed = true;
-                    // Requests routed there fail at once (`Route::Failing`).
+                if in_flight.report > 0 && result.is_err() {
+                    // Once it is down, requests routed there fail at once
+                    // (`Route::Failing`); it is down now only if this
+                    // failure is more than the network's loss.
                     self.state.reported_failing[node] = true;
+                    confirmed = result.as_ref().is_err_and(corroborates);
                 }
                 report = in_flight.report;
                 if in_flight.checks_sessions {
@@ -1535,12 +1540,17 @@ fn probe_thread(
 }
 
 /// Whether a failed probe of a node the application reported failing
-/// confirms the report. Not a fresh connection that got no answer at all
-/// while the kept session answered: on a lossy link that is the same loss
-/// the application met, not a second witness (a stuck postmaster answers
-/// the TCP connect and then nothing: that confirms).
+/// confirms the report. Not when the network lost the probe's packets (a
+/// connect unanswered, a read timed out while TCP was resending): on a lossy
+/// link that is the same loss the application met, not a second witness,
+/// and `FALL` decides. A hung server's kernel answers TCP for it: its
+/// timeouts confirm.
 fn corroborates(failure: &Failure) -> bool {
-    !matches!(failure, Failure::NoNewSessions(inner) if **inner == Failure::Unreachable)
+    match failure {
+        Failure::Unreachable => false,
+        Failure::NoNewSessions(inner) => corroborates(inner),
+        _ => true,
+    }
 }
 
 /// Runs a probe step, turning a panic (a bug) into an `Internal` failure.
@@ -1612,6 +1622,9 @@ mod tests {
         /// (a lossy link).
         NoNewSessionsUnreachable,
         Refused,
+        /// The network loses the probe's packets: its connect or its
+        /// question gets no answer.
+        Unreachable,
         Hang,
         Panic,
     }
@@ -1692,6 +1705,7 @@ mod tests {
                     ..role(Role::Standby, Some(Duration::from_secs(lag)))
                 }),
                 Answer::Refused => Err(Failure::Refused),
+                Answer::Unreachable => Err(Failure::Unreachable),
                 Answer::Hang => {
                     thread::sleep(timeout);
                     Err(Failure::Timeout)
@@ -2489,6 +2503,37 @@ mod tests {
         assert!(node.is_up(), "{node:?}");
         assert!(node.failures >= 1, "the checks failed");
         assert_eq!(writer(&checker), Route::Healthy(0));
+        checker.stop(true);
+    }
+
+    #[test]
+    fn a_report_on_a_link_losing_everything_waits_for_fall_then_fails_fast() {
+        // A partition: every probe is lost on the way. The reports do not
+        // take the writer down before FALL; once FALL has, requests to it
+        // fail at once instead of waiting out a connect timeout.
+        let script = Arc::new(Script::default());
+        script.set("a", Answer::Primary);
+        script.set("b", Answer::Standby(0));
+        let dbha = [
+            ("CHECK_INTERVAL", Value::Float(0.05)),
+            ("FALL", Value::Int(3)),
+            ("LISTENER_CHECK_INTERVAL", Value::Int(0)),
+        ];
+        let checker = start(&["a", "b"], &dbha, &script);
+        settle(&checker);
+        script.set("a", Answer::Unreachable);
+        checker.report_failure(0);
+        let node = &checker.snapshot().nodes[0];
+        if node.failures < 3 {
+            assert!(node.is_up(), "down before FALL: {node:?}");
+        }
+        let by = Instant::now() + Duration::from_secs(5);
+        await_route(
+            &checker,
+            Route::Failing(0),
+            by,
+            "down by FALL, failing fast",
+        );
         checker.stop(true);
     }
 

@@ -3,14 +3,18 @@
 use std::fmt;
 use std::io;
 
+use super::socket::PacketsLost;
+
 /// Why a probe failed, short enough for a status line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {
     Dns(String),
     Refused,
     Timeout,
-    /// A TCP connect got no answer within the deadline (SYNs lost or
-    /// dropped): the host, or the path to it, is silent.
+    /// A timeout the network caused: a TCP connect got no answer (SYNs lost
+    /// or dropped), or a read timed out while TCP was resending. The host, or
+    /// the path to it, is silent or losing packets; a hung server is not
+    /// (its kernel answers and acknowledges for it).
     Unreachable,
     /// Any other connect or I/O error, as the OS words it.
     Network(String),
@@ -82,7 +86,9 @@ impl fmt::Display for Failure {
             Self::Dns(e) => format!("DNS failure: {e}"),
             Self::Refused => return f.write_str("connection refused"),
             Self::Timeout => return f.write_str("timeout"),
-            Self::Unreachable => return f.write_str("timeout (no answer to connect)"),
+            Self::Unreachable => {
+                return f.write_str("timeout (the network lost packets, or the host is gone)")
+            }
             Self::Network(e) => format!("network error: {e}"),
             Self::Closed => return f.write_str("closed by server before answering"),
             Self::BadHandshake(e) => format!("bad handshake: {e}"),
@@ -114,6 +120,12 @@ impl From<io::Error> for Failure {
             .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
             return Self::Tls(one_line(&tls.to_string()));
+        }
+        let lost = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<PacketsLost>());
+        if lost.is_some() {
+            return Self::Unreachable;
         }
         match e.kind() {
             io::ErrorKind::ConnectionRefused => Self::Refused,
@@ -216,7 +228,7 @@ mod tests {
         assert_eq!(Failure::Unreachable.kind(), "unreachable");
         assert_eq!(
             Failure::Unreachable.to_string(),
-            "timeout (no answer to connect)"
+            "timeout (the network lost packets, or the host is gone)"
         );
     }
 

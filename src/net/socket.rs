@@ -54,7 +54,11 @@ pub fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Wire, Failure> 
     };
     #[cfg(target_vendor = "apple")]
     socket.set_nosigpipe(true)?;
-    Ok(Wire { socket, deadline })
+    Ok(Wire {
+        socket,
+        deadline,
+        resent_at_write: None,
+    })
 }
 
 fn connect_tcp(address: SocketAddr, timeout: Duration) -> Result<Socket, Failure> {
@@ -91,7 +95,26 @@ fn connect_unix(path: &Path, deadline: Instant) -> Result<Socket, Failure> {
 pub struct Wire {
     socket: Socket,
     deadline: Instant,
+    /// TCP's count of resent segments when the last write began: a read
+    /// that times out after it grew met a lossy link, not a silent server.
+    resent_at_write: Option<u32>,
 }
+
+/// A read timed out while the network was losing the packets: TCP resent
+/// some since the exchange began, or still waits for an acknowledgement.
+/// A hung server never causes that: its kernel acknowledges everything.
+/// It becomes [`Failure::Unreachable`], which, unlike a silent server, does
+/// not confirm an application's failure report on its own.
+#[derive(Debug)]
+pub struct PacketsLost;
+
+impl std::fmt::Display for PacketsLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("timed out with packets lost on the way")
+    }
+}
+
+impl std::error::Error for PacketsLost {}
 
 /// Writing to a socket the server has closed must not raise SIGPIPE in the
 /// host process: Django runs under servers that do not ignore it.
@@ -135,14 +158,61 @@ impl Wire {
     pub fn receive_exact(&mut self, buf: &mut [u8]) -> Result<(), Failure> {
         self.read_exact(buf).map_err(Failure::from)
     }
+
+    /// Whether TCP resent segments since the last write began, or has sent
+    /// data still unacknowledged. Never for a Unix socket.
+    fn losing_packets(&self) -> bool {
+        let Some(resent_before) = self.resent_at_write else {
+            return false;
+        };
+        tcp_info(&self.socket)
+            .is_some_and(|(resent, unacknowledged)| resent > resent_before || unacknowledged > 0)
+    }
+}
+
+/// TCP's count of resent segments and of segments awaiting an
+/// acknowledgement; `None` for a socket that is not TCP.
+#[cfg(target_os = "linux")]
+fn tcp_info(socket: &Socket) -> Option<(u32, u32)> {
+    // SAFETY: `tcp_info` is plain integers, valid zeroed; the kernel fills
+    // at most `length` bytes of it and says how many.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut length = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: a valid socket, and a buffer of `length` bytes.
+    let status = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut length,
+        )
+    };
+    (status == 0).then_some((info.tcpi_total_retrans, info.tcpi_unacked))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_info(_socket: &Socket) -> Option<(u32, u32)> {
+    None
 }
 
 impl Read for Wire {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            self.socket.set_read_timeout(Some(self.time_left()?))?;
-            match self.socket.read(buf) {
+            let read = self
+                .time_left()
+                .and_then(|left| self.socket.set_read_timeout(Some(left)))
+                .and_then(|()| self.socket.read(buf));
+            match read {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) && self.losing_packets() =>
+                {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, PacketsLost));
+                }
                 result => return result,
             }
         }
@@ -151,6 +221,7 @@ impl Read for Wire {
 
 impl Write for Wire {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.resent_at_write = tcp_info(&self.socket).map(|(resent, _)| resent);
         loop {
             self.socket.set_write_timeout(Some(self.time_left()?))?;
             match self.socket.send_with_flags(buf, SEND_FLAGS) {
@@ -230,6 +301,12 @@ mod tests {
         assert_eq!(silent.receive_exact(&mut [0; 1]), Err(Failure::Timeout));
         let took = started.elapsed();
         assert!(took >= SHORT.saturating_sub(Duration::from_millis(20)) && took < SHORT * 3);
+
+        // A question to a server that never answers: its kernel acknowledges
+        // the bytes, so this is the server's silence, not the network's.
+        let mut hung = connect(&tcp("127.0.0.1", port), soon()).unwrap();
+        hung.send(b"SELECT 1").unwrap();
+        assert_eq!(hung.receive_exact(&mut [0; 1]), Err(Failure::Timeout));
 
         let closing = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = closing.local_addr().unwrap().port();
