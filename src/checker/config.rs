@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::value::Value;
+use crate::engines::patroni::Api;
 use crate::engines::{Engine, Login, Secret, Server};
 use crate::net::{Endpoint, SslMode, Tls};
 
@@ -31,15 +32,47 @@ pub enum ProbeKind {
     /// Log in over one persistent connection and ask the server its role
     /// (primary or standby) and replication lag.
     Role,
+    /// Ask the node's Patroni (REST API) whether it holds the leader lock.
+    Patroni,
+    /// Both `Patroni` and `Role`: writable only when they agree.
+    PatroniAndRole,
 }
 
 impl ProbeKind {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "tcp" => Some(Self::Tcp),
-            "handshake" => Some(Self::Handshake),
-            "role" => Some(Self::Role),
+    fn parse(value: &Value) -> Option<Self> {
+        let name = |value: &Value| match value {
+            Value::Str(name) => Some(name.clone()),
             _ => None,
+        };
+        match value {
+            Value::Str(name) => match name.as_str() {
+                "tcp" => Some(Self::Tcp),
+                "handshake" => Some(Self::Handshake),
+                "role" => Some(Self::Role),
+                "patroni" => Some(Self::Patroni),
+                _ => None,
+            },
+            Value::List(names) => {
+                let mut names: Vec<String> = names.iter().map(name).collect::<Option<_>>()?;
+                names.sort();
+                (names == ["patroni", "role"]).then_some(Self::PatroniAndRole)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether it tells a primary from a standby.
+    pub fn knows_roles(self) -> bool {
+        matches!(self, Self::Role | Self::Patroni | Self::PatroniAndRole)
+    }
+
+    fn name(self) -> Value {
+        match self {
+            Self::Tcp => Value::str("tcp"),
+            Self::Handshake => Value::str("handshake"),
+            Self::Role => Value::str("role"),
+            Self::Patroni => Value::str("patroni"),
+            Self::PatroniAndRole => Value::List(vec![Value::str("patroni"), Value::str("role")]),
         }
     }
 }
@@ -101,6 +134,8 @@ pub struct Node {
     pub probe: ProbeKind,
     /// How to reach it and log in (the `role` probe).
     pub server: Server,
+    /// Its Patroni REST API (the `patroni` probe).
+    pub patroni: Option<Api>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -256,6 +291,7 @@ const KNOWN_KEYS: &[&str] = &[
     "READ_YOUR_WRITES",
     "FAST_INTERVAL",
     "LISTENER_CHECK_INTERVAL",
+    "PATRONI",
     // Read by the Python side alone (its system checks validate it).
     "HEALTH_VIEW_ACCESS",
 ];
@@ -301,6 +337,7 @@ impl Config {
         let groups = dbha.groups(database_entries)?;
         let probe_kinds = dbha.probe_kinds(database_entries)?;
         dbha.check_credentials(&groups)?;
+        dbha.check_patroni(database_entries)?;
 
         let mut nodes = Vec::new();
         let mut group_list = Vec::new();
@@ -470,25 +507,47 @@ impl<'a> Settings<'a> {
             Engine::PostgreSql | Engine::MySql => ProbeKind::Role,
             Engine::Other => ProbeKind::Tcp,
         });
-        if probe != ProbeKind::Tcp && engine == Engine::Other {
-            let key = if probe_kinds.per_alias.contains_key(alias.as_str()) {
-                format!("{}[\"{alias}\"]", dbha_key("PROBE"))
-            } else {
-                dbha_key("PROBE")
-            };
+        let probe_key = if probe_kinds.per_alias.contains_key(alias.as_str()) {
+            format!("{}[\"{alias}\"]", dbha_key("PROBE"))
+        } else {
+            dbha_key("PROBE")
+        };
+        if probe != ProbeKind::Tcp && probe != ProbeKind::Patroni && engine == Engine::Other {
             return Err(error(
                 Problem::BadValue,
-                key,
-                &Value::str(if probe == ProbeKind::Role {
-                    "role"
-                } else {
-                    "handshake"
-                }),
+                probe_key,
+                &probe.name(),
                 format!(
                     "alias '{alias}' has no PostgreSQL or MySQL/MariaDB ENGINE, so only the \
                      'tcp' probe applies to it"
                 ),
             ));
+        }
+        let patroni = self.patroni_api(&alias)?;
+        match (&patroni, probe) {
+            (None, ProbeKind::Patroni | ProbeKind::PatroniAndRole) => {
+                return Err(error(
+                    Problem::BadValue,
+                    probe_key,
+                    &probe.name(),
+                    format!(
+                        "needs the URL of alias '{alias}''s Patroni REST API in \
+                         DBHA[\"PATRONI\"][\"{alias}\"]"
+                    ),
+                ))
+            }
+            (Some(api), ProbeKind::Tcp | ProbeKind::Handshake | ProbeKind::Role) => {
+                return Err(error(
+                    Problem::BadValue,
+                    format!("{}[\"{alias}\"]", dbha_key("PATRONI")),
+                    &Value::str(&api.url),
+                    format!(
+                        "alias '{alias}' is not probed through Patroni: set DBHA[\"PROBE\"] \
+                         for it to 'patroni' or ['patroni', 'role']"
+                    ),
+                ))
+            }
+            _ => {}
         }
         let login = self.login(&alias, engine, entry)?;
         let tls = parse_tls(&alias, engine, entry)?;
@@ -502,6 +561,7 @@ impl<'a> Settings<'a> {
                 login,
                 tls,
             },
+            patroni,
         })
     }
 
@@ -529,7 +589,7 @@ impl<'a> Settings<'a> {
         let could_replicate = groups.iter().any(|group| {
             nodes[group.members.clone()]
                 .iter()
-                .filter(|node| node.probe == ProbeKind::Role)
+                .filter(|node| node.probe.knows_roles())
                 .count()
                 >= 2
         });
@@ -640,13 +700,11 @@ impl<'a> Settings<'a> {
     /// The `PROBE` setting: one kind for every alias, or per alias.
     fn probe_kinds(&self, databases: &[(String, Value)]) -> Result<ProbeKinds<'a>, ConfigError> {
         let key = dbha_key("PROBE");
-        let problem = "must be 'role', 'handshake' or 'tcp', or a dict of alias to one of them";
+        let problem = "must be 'role', 'handshake', 'tcp', 'patroni' or ['patroni', 'role'], \
+                       or a dict of alias to one of them";
         let parse = |key: &str, value: &Value| {
-            match value {
-                Value::Str(name) => ProbeKind::parse(name),
-                _ => None,
-            }
-            .ok_or_else(|| error(Problem::BadValue, key.to_owned(), value, problem))
+            ProbeKind::parse(value)
+                .ok_or_else(|| error(Problem::BadValue, key.to_owned(), value, problem))
         };
         let mut kinds = ProbeKinds::default();
         match self.get("PROBE") {
@@ -671,6 +729,131 @@ impl<'a> Settings<'a> {
             Some(value) => kinds.all = Some(parse(&key, value)?),
         }
         Ok(kinds)
+    }
+
+    /// `PATRONI` is a dict of aliases `DATABASES` has.
+    fn check_patroni(&self, databases: &[(String, Value)]) -> Result<(), ConfigError> {
+        match self.get("PATRONI") {
+            None | Some(Value::None) => Ok(()),
+            Some(Value::Map(per_alias)) => {
+                for (alias, api) in per_alias {
+                    if !databases.iter().any(|(a, _)| a == alias) {
+                        return Err(error(
+                            Problem::UnknownName,
+                            format!("{}[\"{alias}\"]", dbha_key("PATRONI")),
+                            &redacted(api),
+                            "no such alias in settings.DATABASES",
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Some(other) => Err(error(
+                Problem::WrongType,
+                dbha_key("PATRONI"),
+                &redacted(other),
+                "must be a dict of alias to its Patroni REST API URL (or to \
+                 {\"URL\": ..., \"USER\": ..., \"PASSWORD\": ..., \"CA_FILE\": ...})",
+            )),
+        }
+    }
+
+    /// The alias's Patroni REST API: `"http://host:port"`, or a dict with
+    /// `URL` and optional basic-auth `USER`/`PASSWORD` and `CA_FILE`.
+    fn patroni_api(&self, alias: &str) -> Result<Option<Api>, ConfigError> {
+        let Some(Value::Map(per_alias)) = self.get("PATRONI") else {
+            return Ok(None);
+        };
+        let Some((_, entry)) = per_alias.iter().find(|(a, _)| a == alias) else {
+            return Ok(None);
+        };
+        let key = format!("{}[\"{alias}\"]", dbha_key("PATRONI"));
+        let fields: &[(String, Value)] = match entry {
+            Value::Str(_) => &[],
+            Value::Map(fields) => fields,
+            other => {
+                return Err(error(
+                    Problem::WrongType,
+                    key,
+                    &redacted(other),
+                    "must be the REST API URL, or a dict with \"URL\"",
+                ))
+            }
+        };
+        if let Some((name, value)) = fields
+            .iter()
+            .find(|(k, _)| !["URL", "USER", "PASSWORD", "CA_FILE"].contains(&k.as_str()))
+        {
+            return Err(error(
+                Problem::UnknownKey,
+                format!("{key}[\"{name}\"]"),
+                &redacted(value),
+                "unknown key; use \"URL\", \"USER\", \"PASSWORD\" and \"CA_FILE\"",
+            ));
+        }
+        let text = |name: &str| -> Result<Option<&str>, ConfigError> {
+            match fields.iter().find(|(k, _)| k == name).map(|(_, v)| v) {
+                None | Some(Value::None) => Ok(None),
+                Some(Value::Str(text)) => Ok(Some(text.as_str())),
+                Some(other) => Err(error(
+                    Problem::WrongType,
+                    format!("{key}[\"{name}\"]"),
+                    &if name == "PASSWORD" {
+                        Value::str("***")
+                    } else {
+                        other.clone()
+                    },
+                    "must be a string",
+                )),
+            }
+        };
+        let (url, url_key) = match entry {
+            Value::Str(url) => (url.as_str(), key.clone()),
+            _ => (
+                text("URL")?.ok_or_else(|| {
+                    error(
+                        Problem::BadValue,
+                        key.clone(),
+                        &redacted(entry),
+                        "needs \"URL\"",
+                    )
+                })?,
+                format!("{key}[\"URL\"]"),
+            ),
+        };
+        let url = parse_rest_url(url).map_err(|problem| {
+            error(
+                Problem::BadValue,
+                url_key,
+                &Value::str(&redact_url(url)),
+                problem,
+            )
+        })?;
+        let user = text("USER")?.map(str::to_owned);
+        let password = text("PASSWORD")?.map(Secret::new);
+        if password.is_some() && user.is_none() {
+            return Err(error(
+                Problem::BadValue,
+                format!("{key}[\"PASSWORD\"]"),
+                &Value::str("***"),
+                "basic authentication needs \"USER\" too",
+            ));
+        }
+        let ca_file = text("CA_FILE")?.map(PathBuf::from);
+        if ca_file.is_some() && !url.starts_with("https://") {
+            return Err(error(
+                Problem::BadValue,
+                format!("{key}[\"CA_FILE\"]"),
+                &Value::str(text("CA_FILE")?.unwrap_or_default()),
+                "a CA file needs an https URL",
+            ));
+        }
+        Ok(Some(Api {
+            url,
+            user,
+            password,
+            ca_file,
+        }))
     }
 
     /// `PROBE_CREDENTIALS` names only watched aliases, and gives each its
@@ -1030,6 +1213,53 @@ fn is_model_label(label: &str) -> bool {
 }
 
 /// A value that may hold a password, for quoting in an error message.
+/// A Patroni REST API URL without its trailing slash: `http(s)://host:port`
+/// and nothing else (credentials go in `USER` and `PASSWORD`).
+fn parse_rest_url(url: &str) -> Result<String, String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("must be an http:// or https:// URL".into());
+    };
+    if scheme != "http" && scheme != "https" {
+        return Err("must be an http:// or https:// URL".into());
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.contains('@') {
+        return Err("credentials go in \"USER\" and \"PASSWORD\", not in the URL".into());
+    }
+    if !path.is_empty() || authority.contains(['?', '#']) {
+        return Err("must name the REST API itself (http://host:8008), no path".into());
+    }
+    let port = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || !port.is_empty() => Some((host, port)),
+        _ => None,
+    };
+    let host = port.map_or(authority, |(host, _)| host);
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("needs a host".into());
+    }
+    if let Some((_, port)) = port {
+        if !host.starts_with('[') && host.contains(':') {
+            return Err("an IPv6 address goes in brackets: http://[::1]:8008".into());
+        }
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err("needs a port from 1 to 65535".into());
+        }
+    }
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// The URL with any credentials in it hidden, for a message.
+fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split('/').next().and_then(|a| a.rsplit_once('@')) {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None if url.contains('@') => "***".to_owned(),
+        None => url.to_owned(),
+    }
+}
+
 fn redacted(value: &Value) -> Value {
     match value {
         Value::Map(fields) => Value::Map(
@@ -2071,5 +2301,191 @@ mod tests {
         let sqlite = map(&[("db", Value::str("sqlite"))]);
         let e = Config::from_django(&wrapped, &Value::None, &sqlite).unwrap_err();
         assert_eq!(e.code, Problem::Sqlite);
+    }
+
+    fn patroni(urls: &[(&str, Value)], probe: Value) -> Result<Config, ConfigError> {
+        config(&map(&[("PROBE", probe), ("PATRONI", map(urls))]))
+    }
+
+    fn urls() -> Vec<(&'static str, Value)> {
+        vec![
+            ("default", Value::str("http://10.0.0.2:8008")),
+            ("failover1", Value::str("http://10.0.0.3:8008/")),
+            (
+                "failover2",
+                map(&[
+                    ("URL", Value::str("https://db3.example:8008")),
+                    ("USER", Value::str("dbha")),
+                    ("PASSWORD", Value::str("rest-secret")),
+                    ("CA_FILE", Value::str("/etc/patroni/ca.pem")),
+                ]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn patroni_probes_each_alias_through_its_rest_api() {
+        let c = patroni(&urls(), Value::str("patroni")).unwrap();
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::Patroni));
+        let apis: Vec<_> = c.nodes.iter().map(|n| n.patroni.clone().unwrap()).collect();
+        assert_eq!(apis[0].url, "http://10.0.0.2:8008");
+        assert_eq!(
+            apis[1].url, "http://10.0.0.3:8008",
+            "the trailing slash goes"
+        );
+        assert_eq!(apis[2].user.as_deref(), Some("dbha"));
+        assert_eq!(
+            apis[2].password.as_ref().map(Secret::expose),
+            Some("rest-secret")
+        );
+        assert!(!format!("{c:?}").contains("rest-secret"));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let both = Value::List(vec![Value::str("role"), Value::str("patroni")]);
+        let c = patroni(&urls(), both).unwrap();
+        assert!(c.nodes.iter().all(|n| n.probe == ProbeKind::PatroniAndRole));
+        let per_alias = map(&[("default", Value::str("patroni"))]);
+        let c = patroni(&urls()[..1], per_alias).unwrap();
+        assert_eq!(c.nodes[0].probe, ProbeKind::Patroni);
+        assert_eq!(c.nodes[1].probe, ProbeKind::Role);
+    }
+
+    #[test]
+    fn patroni_settings_errors_name_the_key_and_hide_credentials() {
+        let probe = || Value::str("patroni");
+        let e = patroni(&urls()[..2], probe()).unwrap_err();
+        assert_eq!(
+            (e.code, e.key.as_str()),
+            (Problem::BadValue, "DBHA[\"PROBE\"]")
+        );
+        assert!(
+            e.problem.contains("DBHA[\"PATRONI\"][\"failover2\"]"),
+            "{e}"
+        );
+
+        let e = patroni(&urls(), Value::str("role")).unwrap_err();
+        assert_eq!(e.key, "DBHA[\"PATRONI\"][\"default\"]");
+    }
+
+    #[test]
+    fn patroni_entry_errors_name_the_field() {
+        let probe = || Value::str("patroni");
+        let cases: Vec<(Value, &str, Problem)> = vec![
+            (
+                Value::str("ftp://h:8008"),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (
+                Value::str("http://h:8008/leader"),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (
+                Value::str("http://h:0"),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (
+                Value::str("http://:8008"),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (
+                Value::str("http://::1:8008"),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (Value::Int(8008), "[\"failover2\"]", Problem::WrongType),
+            (
+                map(&[("USER", Value::str("u"))]),
+                "[\"failover2\"]",
+                Problem::BadValue,
+            ),
+            (
+                map(&[
+                    ("URL", Value::str("http://h:1")),
+                    ("PASSWORD", Value::str("p")),
+                ]),
+                "[\"failover2\"][\"PASSWORD\"]",
+                Problem::BadValue,
+            ),
+            (
+                map(&[
+                    ("URL", Value::str("http://h:1")),
+                    ("CA_FILE", Value::str("/ca")),
+                ]),
+                "[\"failover2\"][\"CA_FILE\"]",
+                Problem::BadValue,
+            ),
+            (
+                map(&[
+                    ("URL", Value::str("http://h:1")),
+                    ("TOKEN", Value::str("t")),
+                ]),
+                "[\"failover2\"][\"TOKEN\"]",
+                Problem::UnknownKey,
+            ),
+            (
+                map(&[
+                    ("URL", Value::str("http://h:1")),
+                    ("PASSWORD", Value::Int(7)),
+                ]),
+                "[\"failover2\"][\"PASSWORD\"]",
+                Problem::WrongType,
+            ),
+        ];
+        for (value, key, code) in cases {
+            let mut entries = urls();
+            entries[2].1 = value.clone();
+            let e = patroni(&entries, probe()).unwrap_err();
+            assert_eq!(
+                (e.code, e.key.as_str()),
+                (code, &*format!("DBHA[\"PATRONI\"]{key}")),
+                "{value}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn patroni_urls_with_credentials_and_odd_probes_are_refused() {
+        let probe = || Value::str("patroni");
+        let mut entries = urls();
+        entries[0].1 = Value::str("http://dbha:url-secret@10.0.0.2:8008");
+        let e = patroni(&entries, probe()).unwrap_err();
+        assert!(e.problem.contains("USER"), "{e}");
+        assert!(!e.to_string().contains("url-secret"), "{e}");
+        assert!(e.value.contains("***@10.0.0.2:8008"), "{e}");
+
+        entries = urls();
+        entries.push(("nope", Value::str("http://h:1")));
+        let e = patroni(&entries, probe()).unwrap_err();
+        assert_eq!(
+            (e.code, e.key.as_str()),
+            (Problem::UnknownName, "DBHA[\"PATRONI\"][\"nope\"]")
+        );
+
+        let e = config(&map(&[("PATRONI", Value::str("http://h:1"))])).unwrap_err();
+        assert_eq!(
+            (e.code, e.key.as_str()),
+            (Problem::WrongType, "DBHA[\"PATRONI\"]")
+        );
+
+        for odd in [
+            Value::List(vec![Value::str("patroni"), Value::str("tcp")]),
+            Value::List(vec![Value::str("patroni")]),
+            Value::List(vec![
+                Value::str("patroni"),
+                Value::str("role"),
+                Value::str("role"),
+            ]),
+        ] {
+            let e = patroni(&urls(), odd.clone()).unwrap_err();
+            assert_eq!(
+                (e.code, e.key.as_str()),
+                (Problem::BadValue, "DBHA[\"PROBE\"]"),
+                "{odd}"
+            );
+        }
     }
 }

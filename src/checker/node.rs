@@ -1,6 +1,7 @@
 //! Probing one node, round after round, from its probe thread: the `tcp`,
-//! `handshake` or `role` probe, the check that the server still takes new
-//! sessions, and what the kept session's socket says between rounds.
+//! `handshake`, `role` or `patroni` probe, the check that the server still
+//! takes new sessions, and what the kept session's socket says between
+//! rounds.
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 use log::info;
 
 use super::config::{Node, ProbeKind};
-use crate::engines::{Engine, Observation, Server, Session};
+use crate::engines::patroni::{self, Api};
+use crate::engines::{Engine, Observation, Role, Server, Session};
 use crate::net::{self, Failure};
 
 /// Back-off after a refused login: a wrong password must not become a login
@@ -25,6 +27,10 @@ pub struct NodeProbe {
     server: Server,
     session: Option<Box<dyn Session>>,
     auth_backoff: Option<AuthBackoff>,
+    patroni_api: Option<Api>,
+    /// Made at the first `patroni` probe (it reads the CA file), then kept
+    /// with its connection.
+    patroni: Option<patroni::Client>,
 }
 
 /// After an authentication failure: when to try again, what to report until
@@ -44,6 +50,8 @@ impl NodeProbe {
             server: node.server.clone(),
             session: None,
             auth_backoff: None,
+            patroni_api: node.patroni.clone(),
+            patroni: None,
         }
     }
 
@@ -65,16 +73,44 @@ impl NodeProbe {
                 .engine
                 .handshake(&self.server.endpoint, deadline)
                 .map(|()| Observation::default()),
-            ProbeKind::Role => {
-                let observation = self.observe(deadline)?;
-                if check_new_sessions {
-                    self.engine
-                        .check_new_sessions(&self.server, deadline)
-                        .map_err(|e| Failure::NoNewSessions(Box::new(e)))?;
-                }
-                Ok(observation)
+            ProbeKind::Role => self.role(deadline, check_new_sessions),
+            ProbeKind::Patroni => self.ask_patroni(deadline),
+            ProbeKind::PatroniAndRole => {
+                let patroni = self.ask_patroni(deadline)?;
+                let server = self.role(deadline, check_new_sessions)?;
+                agree(&patroni, server)
             }
         }
+    }
+
+    /// The `role` probe: the kept session's answer, and with
+    /// `check_new_sessions` a fresh connection's.
+    fn role(
+        &mut self,
+        deadline: Instant,
+        check_new_sessions: bool,
+    ) -> Result<Observation, Failure> {
+        let observation = self.observe(deadline)?;
+        if check_new_sessions {
+            self.engine
+                .check_new_sessions(&self.server, deadline)
+                .map_err(|e| Failure::NoNewSessions(Box::new(e)))?;
+        }
+        Ok(observation)
+    }
+
+    fn ask_patroni(&mut self, deadline: Instant) -> Result<Observation, Failure> {
+        let client = match &mut self.patroni {
+            Some(client) => client,
+            None => {
+                let api = self
+                    .patroni_api
+                    .as_ref()
+                    .ok_or_else(|| Failure::Internal("no Patroni REST API for this node".into()))?;
+                self.patroni.insert(patroni::Client::new(api)?)
+            }
+        };
+        client.observe(deadline)
     }
 
     /// The kept session's socket, to watch between probes.
@@ -146,6 +182,30 @@ impl NodeProbe {
     }
 }
 
+/// Patroni's view and the server's own must name the same role: a leader
+/// still in recovery, or a primary Patroni has not given the lock, takes
+/// no writes (the moment of a switchover, or a server Patroni does not
+/// control). The server's observation is the finer one.
+fn agree(patroni: &Observation, server: Observation) -> Result<Observation, Failure> {
+    let name = |role| match role {
+        Some(Role::Primary) => "primary",
+        Some(Role::Standby) => "standby",
+        None => "unknown",
+    };
+    if patroni.role == server.role {
+        return Ok(server);
+    }
+    Err(Failure::Conflict(format!(
+        "Patroni says {}, the server says {}",
+        if patroni.role == Some(Role::Primary) {
+            "leader"
+        } else {
+            name(patroni.role)
+        },
+        name(server.role)
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +232,7 @@ mod tests {
                 },
                 tls: Tls::DISABLED,
             },
+            patroni: None,
         }
     }
 
@@ -319,5 +380,31 @@ mod tests {
         );
         assert!(matches!(probe(&missing, SHORT), Err(Failure::Network(_))));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn patroni_and_the_server_must_agree_on_the_role() {
+        let primary = Observation {
+            role: Some(Role::Primary),
+            timeline: Some(2),
+            ..Observation::default()
+        };
+        let standby = Observation {
+            role: Some(Role::Standby),
+            lag: Some(Duration::from_millis(30)),
+            ..Observation::default()
+        };
+        assert_eq!(agree(&primary, primary), Ok(primary));
+        assert_eq!(agree(&standby, standby), Ok(standby), "the server's lag");
+        let promoting = agree(&primary, standby).unwrap_err();
+        assert_eq!(
+            promoting.to_string(),
+            "conflict: Patroni says leader, the server says standby"
+        );
+        let rogue = agree(&standby, primary).unwrap_err();
+        assert_eq!(
+            rogue.to_string(),
+            "conflict: Patroni says standby, the server says primary"
+        );
     }
 }

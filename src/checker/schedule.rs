@@ -1486,6 +1486,7 @@ fn probe_thread(
     bell: &Bell,
     events: &Sender<Wakeup>,
 ) {
+    crate::net::block_sigpipe();
     let node = &shared.config.nodes[index];
     let timeout = shared.config.timing.connect_timeout;
     let mut prober = shared.prober.for_node(node);

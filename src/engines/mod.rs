@@ -3,6 +3,7 @@
 //! server still takes new sessions.
 
 pub mod mysql;
+pub mod patroni;
 pub mod postgres;
 
 use std::fmt;

@@ -16,6 +16,8 @@ pub enum Failure {
     /// the path to it, is silent or losing packets; a hung server is not
     /// (its kernel answers and acknowledges for it).
     Unreachable,
+    /// Two witnesses disagree: Patroni and the server itself on its role.
+    Conflict(String),
     /// Any other connect or I/O error, as the OS words it.
     Network(String),
     /// The server closed the connection before it answered.
@@ -38,7 +40,7 @@ pub enum Failure {
 
 impl Failure {
     /// Every [`Failure::kind`], in a fixed order: counters index by it.
-    pub const KINDS: [&'static str; 12] = [
+    pub const KINDS: [&'static str; 13] = [
         "dns",
         "refused",
         "timeout",
@@ -51,6 +53,7 @@ impl Failure {
         "no_new_sessions",
         "internal",
         "unreachable",
+        "conflict",
     ];
 
     /// A short stable name for the kind of failure (a metrics label).
@@ -73,6 +76,7 @@ impl Failure {
             Self::NoNewSessions(_) => 9,
             Self::Internal(_) => 10,
             Self::Unreachable => 11,
+            Self::Conflict(_) => 12,
         }
     }
 }
@@ -99,6 +103,7 @@ impl fmt::Display for Failure {
                 format!("new connections fail ({e}) while the open session answers")
             }
             Self::Internal(e) => format!("internal error: {e}"),
+            Self::Conflict(e) => format!("conflict: {e}"),
         };
         if text.chars().count() <= MAX_QUOTE {
             return f.write_str(&text);

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 pub use failure::{one_line, Failure};
-pub use socket::{connect, remaining, Wire};
+pub use socket::{block_sigpipe, connect, remaining, Wire};
 pub use transport::Transport;
 
 /// Where a server listens.

@@ -89,6 +89,22 @@ fn connect_unix(path: &Path, deadline: Instant) -> Result<Socket, Failure> {
     }
 }
 
+/// Blocks SIGPIPE in the calling thread. Our own writes never raise it
+/// (`MSG_NOSIGNAL`), but a library's may (the HTTP client's, through TLS):
+/// blocked, the signal stays pending on this thread instead of killing a
+/// host process that restored its default action, and the write fails
+/// with `EPIPE`. Probe threads call this first.
+pub fn block_sigpipe() {
+    // SAFETY: a signal set on the stack, initialised by `sigemptyset`, and
+    // this thread's own mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+    }
+}
+
 /// A connected socket and the deadline of the step under way. As `Read` and
 /// `Write` (which rustls drives too) every call waits at most what is left of
 /// the deadline, and a write to a server that hung up never raises SIGPIPE.
