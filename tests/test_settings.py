@@ -51,6 +51,27 @@ BAD_DBHA: list[tuple[dict[str, Any], str, str, str]] = [
     ),
     ({"ROUTES": {"shop": "reports"}}, 'DBHA["ROUTES"]["shop"]', "'reports'", "dbha.E004"),
     ({"ROUTES": {"a.b.c": "default"}}, 'DBHA["ROUTES"]["a.b.c"]', "'a.b.c'", "dbha.E003"),
+    ({"PROBE": "patroni"}, 'DBHA["PROBE"]', "'patroni'", "dbha.E003"),
+    ({"PROBE": ["patroni", "tcp"]}, 'DBHA["PROBE"]', "['patroni', 'tcp']", "dbha.E003"),
+    ({"PATRONI": "http://h:8008"}, 'DBHA["PATRONI"]', "'http://h:8008'", "dbha.E002"),
+    (
+        {"PATRONI": {"nope": "http://h:8008"}},
+        'DBHA["PATRONI"]["nope"]',
+        "'http://h:8008'",
+        "dbha.E004",
+    ),
+    (
+        {"PROBE": "patroni", "PATRONI": {"default": "http://h:8008/leader"}},
+        'DBHA["PATRONI"]["default"]',
+        "'http://h:8008/leader'",
+        "dbha.E003",
+    ),
+    (
+        {"PATRONI": {"default": "http://h:8008"}},
+        'DBHA["PATRONI"]["default"]',
+        "'http://h:8008'",
+        "dbha.E003",
+    ),
 ]
 
 
@@ -150,6 +171,12 @@ SECRET = "s3cret-password"
         (None, {"PROBE_CREDENTIAL": {"default": {"USER": "m", "PASSWORD": SECRET}}}),
         # An error elsewhere, with the password in a credentials entry.
         (None, {"PROBE_CREDENTIALS": {"nope": {"USER": "m", "PASSWORD": SECRET}}}),
+        # Patroni's REST API password: in a URL, of a wrong type, unknown alias.
+        (None, {"PROBE": "patroni", "PATRONI": {"default": f"http://u:{SECRET}@h:8008"}}),
+        (None, {"PATRONI": {"default": {"URL": "http://h:1", "PASSWORD": [SECRET]}}}),
+        (None, {"PATRONI": {"nope": {"URL": "http://h:1", "USER": "u", "PASSWORD": SECRET}}}),
+        (None, {"PATRONI": {"nope": f"http://u:{SECRET}@h:1"}}),
+        (None, {"PATRONI": [f"http://u:{SECRET}@h:1"]}),
     ],
 )
 def test_no_settings_error_ever_shows_a_password(databases: Any, dbha_settings: Any) -> None:

@@ -741,7 +741,7 @@ impl<'a> Settings<'a> {
                         return Err(error(
                             Problem::UnknownName,
                             format!("{}[\"{alias}\"]", dbha_key("PATRONI")),
-                            &redacted(api),
+                            &redacted_api(api),
                             "no such alias in settings.DATABASES",
                         ));
                     }
@@ -751,7 +751,7 @@ impl<'a> Settings<'a> {
             Some(other) => Err(error(
                 Problem::WrongType,
                 dbha_key("PATRONI"),
-                &redacted(other),
+                &redacted_api(other),
                 "must be a dict of alias to its Patroni REST API URL (or to \
                  {\"URL\": ..., \"USER\": ..., \"PASSWORD\": ..., \"CA_FILE\": ...})",
             )),
@@ -775,7 +775,7 @@ impl<'a> Settings<'a> {
                 return Err(error(
                     Problem::WrongType,
                     key,
-                    &redacted(other),
+                    &redacted_api(other),
                     "must be the REST API URL, or a dict with \"URL\"",
                 ))
             }
@@ -814,7 +814,7 @@ impl<'a> Settings<'a> {
                     error(
                         Problem::BadValue,
                         key.clone(),
-                        &redacted(entry),
+                        &redacted_api(entry),
                         "needs \"URL\"",
                     )
                 })?,
@@ -1246,6 +1246,28 @@ fn parse_rest_url(url: &str) -> Result<String, String> {
         }
     }
     Ok(format!("{scheme}://{authority}"))
+}
+
+/// A `PATRONI` value for a message: URLs shown without credentials, the
+/// rest as [`redacted`] shows it.
+fn redacted_api(value: &Value) -> Value {
+    match value {
+        Value::Str(url) => Value::str(&redact_url(url)),
+        Value::Map(fields) => Value::Map(
+            fields
+                .iter()
+                .map(|(k, v)| {
+                    let shown = match (k.as_str(), v) {
+                        ("URL", v) => redacted_api(v),
+                        ("USER" | "CA_FILE", Value::Str(_)) => v.clone(),
+                        _ => redacted(v),
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+        ),
+        other => redacted(other),
+    }
 }
 
 /// The URL with any credentials in it hidden, for a message.
