@@ -234,6 +234,7 @@ class EtcdServer(_Server):
         self.peer_port = 0
         super().__init__("etcd", port, base_dir / "etcd.log", owner=None)
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        cleanup_on_signals()
         _register(self, self.cleanup)
 
     def __enter__(self) -> EtcdServer:
@@ -454,6 +455,7 @@ class PatroniCluster:
             context = ssl.create_default_context(cafile=str(self._tls["cafile"]))
             handlers.append(urllib.request.HTTPSHandler(context=context))
         self._opener = urllib.request.build_opener(*handlers)
+        self._proxies: list[HAProxy] = []
         self._started = False
         self.startup_seconds: float | None = None
 
@@ -585,7 +587,8 @@ class PatroniCluster:
     def stop(self) -> None:
         """Kill everything (Patroni, PostgreSQL and its children, etcd,
         HAProxy) and remove the temp dir if we made it. Never raises."""
-        steps: list[Callable[[], None]] = [n.kill_patroni for n in self.nodes]
+        steps: list[Callable[[], None]] = [p.kill for p in self._proxies]
+        steps += [n.kill_patroni for n in self.nodes]
         steps += [n.kill_postgres for n in self.nodes]
         steps += [self.etcd.kill, lambda: _sweep(self.base_dir)]
         for step in steps:
@@ -818,6 +821,7 @@ class HAProxy(_Server):
         self.stats_socket = self.dir / "stats.sock"
         self.replica_port = replica_port or free_port()
         super().__init__("haproxy", port, self.dir / "haproxy.log", owner=None)
+        cluster._proxies.append(self)  # the cluster's stop() stops us too
 
     def __enter__(self) -> HAProxy:
         self.start()
