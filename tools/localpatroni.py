@@ -754,11 +754,13 @@ class PatroniCluster:
         for node in self.nodes:
             if not node.running:
                 continue
-            with contextlib.suppress(PatroniError):
+            try:
                 resp = node.request("PATCH", "/config", dict(changes))
-                if resp.status != 200:
-                    raise PatroniError(f"PATCH /config {changes}: {resp.status} {resp.body}")
-                return dict(resp.body)
+            except PatroniError:
+                continue
+            if resp.status != 200:
+                raise PatroniError(f"PATCH /config {changes}: {resp.status} {resp.body}")
+            return dict(resp.body)
         raise PatroniError(f"no node answers PATCH /config\n{self.describe()}")
 
     def pause(self, timeout: float = 30) -> None:
