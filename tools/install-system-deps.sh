@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need when missing:
 # PostgreSQL 15 server binaries, MariaDB, what building mysqlclient (the
-# MySQL driver of Django, for dbha.backends.mysql) takes, and iproute2 and
-# nftables for the network-fault tests (namespaces, tc netem, drop rules).
+# MySQL driver of Django, for dbha.backends.mysql) takes, iproute2 and
+# nftables for the network-fault tests (namespaces, tc netem, drop rules), and
+# Patroni, etcd and HAProxy for the Patroni tests (tools/localpatroni.py).
 # Needs root (or sudo).
 set -euo pipefail
 
@@ -17,6 +18,10 @@ pkg-config --exists libmariadb 2>/dev/null || missing+=(libmariadb-dev)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
 command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+[ -x /usr/bin/patroni ] || missing+=(patroni)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 python3 -c 'import os, sysconfig; raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || missing+=(python3-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 

@@ -41,7 +41,8 @@ class LocalDbError(RuntimeError):
 
 # Everything that still owns a process or a directory, so an aborted run leaves nothing behind.
 _cleanups: dict[tuple[int, str], Callable[[], None]] = {}
-_cleanups_lock = threading.Lock()
+# Reentrant: a signal handler (cleanup_on_signals) may run while its own thread holds it.
+_cleanups_lock = threading.RLock()
 
 
 def _register(owner: object, fn: Callable[[], None]) -> None:
@@ -65,6 +66,22 @@ def _cleanup_all() -> None:
             fn()
         except Exception:
             log.exception("cleanup at exit failed")
+
+
+def _cleanup_on_signal(signum: int, frame: object) -> None:
+    _cleanup_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def cleanup_on_signals() -> None:
+    """Make SIGTERM and SIGHUP, which skip atexit, run the cleanups too, then
+    end the process as they would have. A handler someone else set stays."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _cleanup_on_signal)
 
 
 _handed_out: set[int] = set()
@@ -132,9 +149,10 @@ def _mkdir(path: Path, owner: pwd.struct_passwd | None, mode: int) -> None:
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
-    # The caller's PG*/MYSQL* variables (PGHOST, PGPASSWORD, MYSQL_PWD...) must not redirect or
-    # alter our clients and servers.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "MYSQL", "MARIADB"))}
+    # The caller's PG*/MYSQL*/PATRONI_*/ETCD_* variables (PGHOST, PGPASSWORD, MYSQL_PWD,
+    # ETCD_NAME...) must not redirect or alter our clients and servers.
+    prefixes = ("PG", "MYSQL", "MARIADB", "PATRONI", "ETCD")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(extra)
     return env
 
@@ -298,7 +316,7 @@ class _Server:
                 self._proc = None
                 _unregister(self, self.stop)
                 tail = _tail(self.log_file, log_offset)
-                if "Address already in use" in tail:
+                if "address already in use" in tail.lower():  # Go (etcd) writes it lowercase
                     return False
                 raise LocalDbError(f"{self.name} exited with code {code} while starting:\n{tail}")
             remaining = deadline - time.monotonic()
