@@ -195,8 +195,9 @@ pub fn interpret(status: u16, body: &[u8]) -> Result<Observation, Failure> {
             position: wal("replayed_location"),
             upstream_timeline: None,
         }),
-        (role, _) => Err(Failure::BadHandshake(one_line(&format!(
-            "Patroni: unknown role {role:?}"
+        // Between states ("demoted", "uninitialized"): no role to route by.
+        (role, _) => Err(Failure::ServerError(one_line(&format!(
+            "Patroni: the node is {role:?}"
         )))),
     }
 }
@@ -246,8 +247,11 @@ mod tests {
             "bad_handshake"
         );
         assert_eq!(interpret(200, b"[1]").unwrap_err().kind(), "server_error");
-        let odd = br#"{"state": "running", "role": "witch"}"#;
-        assert_eq!(interpret(200, odd).unwrap_err().kind(), "bad_handshake");
+        let demoted = br#"{"state": "running", "role": "demoted"}"#;
+        assert_eq!(
+            interpret(503, demoted).unwrap_err().to_string(),
+            "server error: Patroni: the node is \"demoted\""
+        );
         let huge = format!(r#"{{"state": "{}\n{}"}}"#, "x".repeat(5000), "y");
         let said = interpret(503, huge.as_bytes()).unwrap_err().to_string();
         assert!(
