@@ -9,7 +9,7 @@ MAIN_VENV := $(VENV)/django-5.2
 WHEELS := target/wheels
 STAMP := .ready
 
-.PHONY: demo test lint rust-test py-test bench bench-failover bench-network system-deps wheel clean
+.PHONY: demo test lint rust-test py-test bench bench-failover bench-network bench-patroni system-deps wheel clean
 .DELETE_ON_ERROR:
 
 demo: system-deps $(MAIN_VENV)/$(STAMP)
@@ -62,6 +62,9 @@ bench-failover: system-deps $(MAIN_VENV)/$(STAMP)
 # Needs root: network namespaces.
 bench-network: system-deps $(MAIN_VENV)/$(STAMP)
 	$(MAIN_VENV)/bin/python benches/network_faults.py
+
+bench-patroni: system-deps $(MAIN_VENV)/$(STAMP)
+	$(MAIN_VENV)/bin/python benches/patroni.py
 
 clean:
 	rm -rf $(VENV) target
