@@ -71,6 +71,10 @@ class Outcome:
     haproxy_first_write: float | None = None
     dbha_failed: int = 0
     haproxy_failed: int = 0
+    #: Seconds between the last write acknowledged by the old leader and
+    #: the first by the new one, per path.
+    dbha_gap: float | None = None
+    haproxy_gap: float | None = None
     #: Writes acknowledged by a node other than the one that held the lock.
     dbha_misplaced: int = 0
     haproxy_misplaced: int = 0
@@ -81,6 +85,7 @@ class Timeline:
     """First times (monotonic) of events, per key."""
 
     first: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def mark(self, key: str, at: float | None = None) -> None:
@@ -129,7 +134,9 @@ def write_through_dbha(outcome: Outcome, timeline: Timeline) -> None:
         node = next(n for n in NODES if port_of[n] == port)
         if node == outcome.new:
             timeline.mark("dbha_write")
-        elif "lock" in timeline.first:
+        elif node == outcome.old and "dbha_write" not in timeline.first:
+            timeline.last["dbha_old"] = time.monotonic()
+        if node != outcome.new and "lock" in timeline.first:
             outcome.dbha_misplaced += 1
     except Exception:
         outcome.dbha_failed += 1
@@ -150,7 +157,9 @@ def write_through_haproxy(proxy: HAProxy, outcome: Outcome, timeline: Timeline) 
         node = next(n for n in NODES if port_of[n] == port)
         if node == outcome.new:
             timeline.mark("haproxy_write")
-        elif "lock" in timeline.first:
+        elif node == outcome.old and "haproxy_write" not in timeline.first:
+            timeline.last["haproxy_old"] = time.monotonic()
+        if node != outcome.new and "lock" in timeline.first:
             outcome.haproxy_misplaced += 1
     except Exception:
         outcome.haproxy_failed += 1
@@ -218,6 +227,10 @@ def run_once(cluster: PatroniCluster, proxy: HAProxy, scenario: str) -> Outcome:
     outcome.dbha_first_write = since("dbha_write")
     outcome.haproxy_up = since("haproxy")
     outcome.haproxy_first_write = since("haproxy_write")
+    for path in ("dbha", "haproxy"):
+        old_write, new_write = timeline.last.get(f"{path}_old"), timeline.first.get(f"{path}_write")
+        if old_write is not None and new_write is not None:
+            setattr(outcome, f"{path}_gap", new_write - old_write)
     if scenario == "failover":
         cluster.start_node(old)
     return outcome
@@ -225,6 +238,10 @@ def run_once(cluster: PatroniCluster, proxy: HAProxy, scenario: str) -> Outcome:
 
 def seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:+.3f} s"
+
+
+def gap(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
 
 
 def median(values: list[float | None]) -> float | None:
@@ -284,8 +301,8 @@ def main() -> int:
     )
     print(
         "| scenario | Patroni: writable | dbha: available_db() | dbha: first write "
-        "| HAProxy: marked UP | HAProxy: first write | failed write attempts dbha / HAProxy "
-        "| misplaced dbha / HAProxy |"
+        "| HAProxy: marked UP | HAProxy: first write | no write acknowledged for, dbha / HAProxy "
+        "| acknowledged without the lock, dbha / HAProxy |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for scenario in scenarios:
@@ -295,7 +312,7 @@ def main() -> int:
                 f"| {scenario} ({o.old} → {o.new}) | {seconds(o.writable)} "
                 f"| {seconds(o.dbha_switched)} | {seconds(o.dbha_first_write)} "
                 f"| {seconds(o.haproxy_up)} | {seconds(o.haproxy_first_write)} "
-                f"| {o.dbha_failed} / {o.haproxy_failed} "
+                f"| {gap(o.dbha_gap)} / {gap(o.haproxy_gap)} "
                 f"| {o.dbha_misplaced} / {o.haproxy_misplaced} |"
             )
         print(
@@ -303,7 +320,9 @@ def main() -> int:
             f"| {seconds(median([o.dbha_switched for o in runs]))} "
             f"| {seconds(median([o.dbha_first_write for o in runs]))} "
             f"| {seconds(median([o.haproxy_up for o in runs]))} "
-            f"| {seconds(median([o.haproxy_first_write for o in runs]))} | | |"
+            f"| {seconds(median([o.haproxy_first_write for o in runs]))} "
+            f"| {gap(median([o.dbha_gap for o in runs]))} "
+            f"/ {gap(median([o.haproxy_gap for o in runs]))} | |"
         )
     if args.json_out:
         args.json_out.write_text(json.dumps({"runs": [asdict(o) for o in outcomes]}, indent=2))

@@ -19,6 +19,10 @@ use crate::net::{one_line, remaining, Failure};
 /// The most of an answer read: Patroni's status document is about 1 kB.
 const MAX_ANSWER: u64 = 64 * 1024;
 
+/// How often a node promoting under the lock is asked again (Patroni's
+/// promotion takes about 0.1 s).
+const PROMOTING_POLL: Duration = Duration::from_millis(10);
+
 /// One node's Patroni REST API.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Api {
@@ -104,8 +108,24 @@ impl Client {
 
     /// `GET /leader`: 200 only on the node holding the leader lock; either
     /// way the body is the node's status document (role, state, timeline,
-    /// WAL positions). All within `deadline`.
+    /// WAL positions). A node that has just taken the lock and is still
+    /// promoting is asked again every `PROMOTING_POLL` until it is
+    /// writable: the writes can move the moment it is. All within
+    /// `deadline`.
     pub fn observe(&self, deadline: Instant) -> Result<Observation, Failure> {
+        loop {
+            let (status, body) = self.get_leader(deadline)?;
+            let promoting = status == 200 && is_promoting(&body);
+            let observation = interpret(status, &body);
+            let next = Instant::now() + PROMOTING_POLL;
+            if !promoting || next + PROMOTING_POLL >= deadline {
+                return observation;
+            }
+            std::thread::sleep(PROMOTING_POLL);
+        }
+    }
+
+    fn get_leader(&self, deadline: Instant) -> Result<(u16, Vec<u8>), Failure> {
         let mut request = self
             .agent
             .get(&self.leader_url)
@@ -123,8 +143,18 @@ impl Client {
             .limit(MAX_ANSWER)
             .read_to_vec()
             .map_err(failure)?;
-        interpret(status, &body)
+        Ok((status, body))
     }
+}
+
+/// Whether a lock holder's status document says it is still a replica: the
+/// moment between Patroni taking the lock and PostgreSQL's promotion.
+/// (A standby cluster's leader is a `standby_leader`, for good.)
+fn is_promoting(body: &[u8]) -> bool {
+    serde_json::from_slice::<Json>(body).is_ok_and(|document| {
+        document.get("role").and_then(Json::as_str) == Some("replica")
+            && document.get("state").and_then(Json::as_str) == Some("running")
+    })
 }
 
 fn failure(e: ureq::Error) -> Failure {
@@ -267,6 +297,15 @@ mod tests {
         status: u16,
         body: &'static str,
     ) -> (String, Arc<AtomicUsize>, Arc<parking_lot::Mutex<String>>) {
+        answering(&[(status, body)])
+    }
+
+    /// Like `patroni`, answering each request with the next of `answers`
+    /// (the last one again once they run out).
+    fn answering(
+        answers: &[(u16, &'static str)],
+    ) -> (String, Arc<AtomicUsize>, Arc<parking_lot::Mutex<String>>) {
+        let answers = Arc::new(parking_lot::Mutex::new(answers.to_vec()));
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let connections = Arc::new(AtomicUsize::new(0));
@@ -277,6 +316,7 @@ mod tests {
                 let Ok(mut stream) = stream else { return };
                 count.fetch_add(1, Ordering::SeqCst);
                 let seen = Arc::clone(&seen);
+                let answers = Arc::clone(&answers);
                 thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
                     loop {
@@ -292,6 +332,14 @@ mod tests {
                             request.push_str(&line);
                         }
                         *seen.lock() = request;
+                        let (status, body) = {
+                            let mut answers = answers.lock();
+                            if answers.len() > 1 {
+                                answers.remove(0)
+                            } else {
+                                answers[0]
+                            }
+                        };
                         let answer = format!(
                             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
                              Content-Length: {}\r\n\r\n{body}",
@@ -330,6 +378,27 @@ mod tests {
         assert_eq!(connections.load(Ordering::SeqCst), 1);
         assert!(headers.lock().starts_with("GET /leader HTTP/1.1"));
         assert!(!headers.lock().to_lowercase().contains("authorization"));
+    }
+
+    #[test]
+    fn a_lock_holder_still_promoting_is_asked_again_until_writable() {
+        let (url, connections, _) = answering(&[(200, REPLICA), (200, REPLICA), (200, LEADER)]);
+        let client = Client::new(&api(url)).unwrap();
+        let observation = client.observe(soon()).unwrap();
+        assert_eq!(observation.role, Some(Role::Primary), "within one probe");
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+
+        // Not writable by the deadline: what it is then.
+        let (url, _, _) = patroni(200, REPLICA);
+        let client = Client::new(&api(url)).unwrap();
+        let started = Instant::now();
+        assert_eq!(client.observe(soon()).unwrap().role, Some(Role::Standby));
+        assert!(started.elapsed() < Duration::from_millis(600));
+        // A replica without the lock is asked once.
+        let (url, connections, _) = answering(&[(503, REPLICA), (200, LEADER)]);
+        let client = Client::new(&api(url)).unwrap();
+        assert_eq!(client.observe(soon()).unwrap().role, Some(Role::Standby));
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
     #[test]
