@@ -205,6 +205,13 @@ pub fn interpret(status: u16, body: &[u8]) -> Result<Observation, Failure> {
             .and_then(Json::as_u64)
     };
     let timeline = document.get("timeline").and_then(Json::as_u64);
+    let tagged = |tag: &str| {
+        document
+            .get("tags")
+            .and_then(|tags| tags.get(tag))
+            .and_then(Json::as_bool)
+            == Some(true)
+    };
     let holds_lock = status == 200;
     match (text("role"), holds_lock) {
         ("master" | "primary", true) => Ok(Observation {
@@ -220,7 +227,9 @@ pub fn interpret(status: u16, body: &[u8]) -> Result<Observation, Failure> {
         // its replay position against the writer's (the checker's log).
         ("replica" | "standby_leader" | "standby-leader", _) => Ok(Observation {
             role: Some(Role::Standby),
-            lag: Some(Duration::ZERO),
+            // Tagged `noloadbalance`, Patroni's `/replica` refuses it: it
+            // serves no reads here either (a standby's unknown lag).
+            lag: (!tagged("noloadbalance")).then_some(Duration::ZERO),
             timeline,
             position: wal("replayed_location"),
             upstream_timeline: None,
@@ -259,6 +268,13 @@ mod tests {
         assert_eq!(replica.role, Some(Role::Standby));
         assert_eq!(replica.position, Some(67_108_960));
         assert_eq!(replica.lag, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_replica_tagged_noloadbalance_serves_no_reads() {
+        let tagged = br#"{"state": "running", "role": "replica", "tags": {"noloadbalance": true}}"#;
+        let replica = interpret(503, tagged).unwrap();
+        assert_eq!((replica.role, replica.lag), (Some(Role::Standby), None));
     }
 
     #[test]
