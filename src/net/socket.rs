@@ -117,7 +117,7 @@ pub struct Wire {
 }
 
 /// A read timed out while the network was losing the packets: TCP resent
-/// some since the exchange began, or still waits for an acknowledgement.
+/// some since the exchange began.
 /// A hung server never causes that: its kernel acknowledges everything.
 /// It becomes [`Failure::Unreachable`], which, unlike a silent server, does
 /// not confirm an application's failure report on its own.
@@ -175,21 +175,22 @@ impl Wire {
         self.read_exact(buf).map_err(Failure::from)
     }
 
-    /// Whether TCP resent segments since the last write began, or has sent
-    /// data still unacknowledged. Never for a Unix socket.
+    /// Whether TCP resent segments since the last write began. (Not data
+    /// merely unacknowledged: a server that stops reading closes its
+    /// window, and the kernel's window probes go unacknowledged too.) Never
+    /// for a Unix socket.
     fn losing_packets(&self) -> bool {
         let Some(resent_before) = self.resent_at_write else {
             return false;
         };
-        tcp_info(&self.socket)
-            .is_some_and(|(resent, unacknowledged)| resent > resent_before || unacknowledged > 0)
+        total_resent(&self.socket).is_some_and(|resent| resent > resent_before)
     }
 }
 
-/// TCP's count of resent segments and of segments awaiting an
-/// acknowledgement; `None` for a socket that is not TCP.
+/// TCP's count of the segments it resent on this connection; `None` for a
+/// socket that is not TCP.
 #[cfg(target_os = "linux")]
-fn tcp_info(socket: &Socket) -> Option<(u32, u32)> {
+fn total_resent(socket: &Socket) -> Option<u32> {
     // SAFETY: `tcp_info` is plain integers, valid zeroed; the kernel fills
     // at most `length` bytes of it and says how many.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -204,11 +205,11 @@ fn tcp_info(socket: &Socket) -> Option<(u32, u32)> {
             &raw mut length,
         )
     };
-    (status == 0).then_some((info.tcpi_total_retrans, info.tcpi_unacked))
+    (status == 0).then_some(info.tcpi_total_retrans)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn tcp_info(_socket: &Socket) -> Option<(u32, u32)> {
+fn total_resent(_socket: &Socket) -> Option<u32> {
     None
 }
 
@@ -237,7 +238,7 @@ impl Read for Wire {
 
 impl Write for Wire {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.resent_at_write = tcp_info(&self.socket).map(|(resent, _)| resent);
+        self.resent_at_write = total_resent(&self.socket);
         loop {
             self.socket.set_write_timeout(Some(self.time_left()?))?;
             match self.socket.send_with_flags(buf, SEND_FLAGS) {
@@ -323,6 +324,13 @@ mod tests {
         let mut hung = connect(&tcp("127.0.0.1", port), soon()).unwrap();
         hung.send(b"SELECT 1").unwrap();
         assert_eq!(hung.receive_exact(&mut [0; 1]), Err(Failure::Timeout));
+        // Nor is a server that stopped reading: its closed window leaves the
+        // kernel's window probes unacknowledged, which is not loss.
+        let mut full = connect(&tcp("127.0.0.1", port), soon()).unwrap();
+        let flood = vec![0u8; 16 << 20];
+        assert_eq!(full.send(&flood), Err(Failure::Timeout));
+        full.set_deadline(soon());
+        assert_eq!(full.receive_exact(&mut [0; 1]), Err(Failure::Timeout));
 
         let closing = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = closing.local_addr().unwrap().port();
