@@ -4,6 +4,9 @@
 //! protocol.
 
 mod failure;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod socket;
 pub mod tls;
 mod transport;

@@ -26,6 +26,10 @@ pub fn remaining(deadline: Instant) -> Result<Duration, Failure> {
 /// Only name resolution can overrun the deadline (the C library gives no way
 /// to bound it); the checker bounds that from outside.
 pub fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Wire, Failure> {
+    #[cfg(fuzzing)]
+    if let Some(prepared) = super::fuzzing::next() {
+        return prepared.map(|socket| Wire { socket, deadline });
+    }
     let socket = match endpoint {
         Endpoint::Unix(path) => connect_unix(path, deadline)?,
         Endpoint::Tcp { host, port } => {
