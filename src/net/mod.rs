@@ -15,7 +15,7 @@ pub mod wait;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use failure::{one_line, Failure};
+pub use failure::{one_line, Failure, MAX_QUOTE};
 pub use socket::{connect, remaining, Wire};
 pub use transport::Transport;
 

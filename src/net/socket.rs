@@ -138,6 +138,8 @@ impl Wire {
 
 impl Read for Wire {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(fuzzing)]
+        super::fuzzing::before_read(&self.socket);
         loop {
             self.socket.set_read_timeout(Some(self.time_left()?))?;
             match self.socket.read(buf) {
