@@ -8,16 +8,74 @@
 //! engines' own code, from connect to goodbye, runs unchanged on one
 //! thread, with no network and no waiting.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use _core::engines::Session;
 use _core::net::fuzzing::{self, Prepared};
 use _core::net::{Failure, MAX_QUOTE};
+
+/// No probe needs more than a few MiB live at once, whatever the server
+/// sends (the largest, a MySQL result of 1 MiB, is about 25 MiB parsed): an
+/// allocation that would take the targets past this aborts, so afl-fuzz
+/// saves the input as a crash. (run.py's `-m` limit backs this up.)
+pub const MAX_LIVE_BYTES: usize = 64 << 20;
+
+/// The system allocator, counting live bytes against [`MAX_LIVE_BYTES`].
+pub struct Capped;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+impl Capped {
+    fn reserve(size: usize) {
+        if LIVE.fetch_add(size, Ordering::Relaxed).saturating_add(size) > MAX_LIVE_BYTES {
+            // No allocation (so no panic, whose message allocates) in here.
+            let message = b"allocation past MAX_LIVE_BYTES: unbounded allocation?\n";
+            let _ = std::io::stderr().write_all(message);
+            std::process::abort();
+        }
+    }
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::reserve(layout.size());
+        // SAFETY: the caller's layout, as given.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::reserve(layout.size());
+        // SAFETY: the caller's layout, as given.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: allocated by `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            Self::reserve(new_size - layout.size());
+        } else {
+            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
+        // SAFETY: allocated by `System` with this layout.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Capped = Capped;
 
 /// Splits the server's bytes between successive connections (a retry
 /// without TLS, a fallback database).
