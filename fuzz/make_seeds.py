@@ -9,6 +9,7 @@ Run from anywhere: python3 fuzz/make_seeds.py
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import shutil
@@ -61,12 +62,7 @@ def pg_row(values: list[str | None]) -> bytes:
             row += struct.pack(">i", -1)
         else:
             row += struct.pack(">I", len(value)) + value.encode()
-    return (
-        pg(b"T", description)
-        + pg(b"D", row)
-        + pg(b"C", b"SELECT 1\0")
-        + pg(b"Z", b"I")
-    )
+    return pg(b"T", description) + pg(b"D", row) + pg(b"C", b"SELECT 1\0") + pg(b"Z", b"I")
 
 
 PRIMARY = pg_row(["f", "0", "3", "50331808", None])
@@ -89,8 +85,13 @@ def scram_exchange(iterations: int = 16) -> bytes:
     )
 
 
-def pg_options(ssl: int = 0, password: bool = False, fallback: bool = False,
-               action: int = 0, unix: bool = False) -> bytes:
+def pg_options(
+    ssl: int = 0,
+    password: bool = False,
+    fallback: bool = False,
+    action: int = 0,
+    unix: bool = False,
+) -> bytes:
     return bytes([ssl | password << 2 | fallback << 3 | action << 4 | unix << 6])
 
 
@@ -109,10 +110,7 @@ def postgres_seeds(flights: dict[str, bytes]) -> dict[str, bytes]:
         + NEXT
         + session,
         "prefer_plain": pg_options(ssl=2) + b"N" + session,
-        "allow_retry": pg_options(ssl=1)
-        + pg_error("28000", "no pg_hba.conf entry")
-        + NEXT
-        + b"N",
+        "allow_retry": pg_options(ssl=1) + pg_error("28000", "no pg_hba.conf entry") + NEXT + b"N",
         "prefer_tls13": pg_options(ssl=2) + b"S" + TURN + flights["tls13"] + NEXT + session,
         "require_tls12": pg_options(ssl=3) + b"S" + TURN + flights["tls12"],
         "probe_yes": pg_options(action=1) + b"S",
@@ -180,7 +178,9 @@ def result(columns: list[str], rows: list[list[str | None]]) -> bytes:
     out = packet(bytes([len(columns)]), 1)
     out += b"".join(packet(column(c), 2 + i) for i, c in enumerate(columns))
     out += packet(EOF_PACKET)
-    out += b"".join(packet(b"".join(lenenc(None if v is None else v.encode()) for v in r)) for r in rows)
+    out += b"".join(
+        packet(b"".join(lenenc(None if v is None else v.encode()) for v in r)) for r in rows
+    )
     return out + packet(EOF_PACKET)
 
 
@@ -191,15 +191,22 @@ def variables(pairs: list[tuple[str, str]]) -> bytes:
 MY_PRIMARY = variables(
     [("read_only", "OFF"), ("gtid_binlog_pos", "0-2-130"), ("gtid_slave_pos", "0-1-100")]
 )
-MY_STANDBY = variables([("read_only", "ON"), ("super_read_only", "OFF"), ("gtid_slave_pos", "0-1-7")])
+MY_STANDBY = variables(
+    [("read_only", "ON"), ("super_read_only", "OFF"), ("gtid_slave_pos", "0-1-7")]
+)
 REPLICA_STATUS = result(
     ["Replica_IO_State", "Seconds_Behind_Master"], [["Waiting", "12"], ["Waiting", None]]
 )
 KILLED = my_error(1927, "Connection was killed")
 
 
-def my_options(ssl: int = 0, password: bool = False, database: bool = False,
-               action: int = 0, unix: bool = False) -> bytes:
+def my_options(
+    ssl: int = 0,
+    password: bool = False,
+    database: bool = False,
+    action: int = 0,
+    unix: bool = False,
+) -> bytes:
     return bytes([ssl | password << 2 | database << 3 | action << 4 | unix << 6])
 
 
@@ -221,7 +228,11 @@ def mysql_seeds(flights: dict[str, bytes], public_key: bytes) -> dict[str, bytes
         + MY_STANDBY
         + my_error(1064, "You have an error in your SQL syntax")
         + REPLICA_STATUS,
-        "no_lag_privilege": my_options() + native + OK + MY_STANDBY + my_error(1227, "Access denied"),
+        "no_lag_privilege": my_options()
+        + native
+        + OK
+        + MY_STANDBY
+        + my_error(1227, "Access denied"),
         "sha2_fast": my_options(password=True) + sha2 + packet(b"\x01\x03", 2) + OK + MY_PRIMARY,
         "sha2_full_rsa": my_options(password=True)
         + sha2
@@ -254,10 +265,26 @@ def mysql_seeds(flights: dict[str, bytes], public_key: bytes) -> dict[str, bytes
 def make_key_and_cert(work: Path) -> tuple[Path, Path]:
     key, cert = work / "key.pem", work / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "36500",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "36500",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -274,15 +301,11 @@ def server_flight(key: Path, cert: Path, tls12: bool) -> bytes:
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     client = client_context.wrap_bio(c_in, c_out, server_hostname="localhost")
     server = server_context.wrap_bio(s_in, s_out, server_side=True)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         client.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     s_in.write(c_out.read())
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         server.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return s_out.read()
 
 

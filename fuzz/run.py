@@ -61,7 +61,12 @@ def afl_env() -> dict[str, str]:
     )
     # Whatever the caller's environment: never stop at the first crash
     # without a report, never resume an old run.
-    for name in ("AFL_BENCH_UNTIL_CRASH", "AFL_BENCH_JUST_ONE", "AFL_AUTORESUME", "AFL_EXIT_WHEN_DONE"):
+    for name in (
+        "AFL_BENCH_UNTIL_CRASH",
+        "AFL_BENCH_JUST_ONE",
+        "AFL_AUTORESUME",
+        "AFL_EXIT_WHEN_DONE",
+    ):
         env.pop(name, None)
     return env
 
@@ -136,7 +141,10 @@ def fuzz(
 
 
 def table(results: list[Result]) -> str:
-    head = f"{'target':<14}{'execs':>12}{'execs/s':>10}{'corpus':>8}{'crashes':>9}{'hangs':>7}{'stability':>11}{'wall':>9}"
+    head = (
+        f"{'target':<14}{'execs':>12}{'execs/s':>10}{'corpus':>8}{'crashes':>9}{'hangs':>7}"
+        f"{'stability':>11}{'wall':>9}"
+    )
     rows = [head, "-" * len(head)]
     for r in results:
         rate = r.execs / r.seconds if r.seconds else 0
@@ -150,13 +158,22 @@ def table(results: list[Result]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--execs", type=int, default=10_000_000, help="executions per target (default 10,000,000)")
+    parser.add_argument(
+        "--execs", type=int, default=10_000_000, help="executions per target (default 10,000,000)"
+    )
     parser.add_argument("--seconds", type=int, help="wall-clock cap per target (fuzzing time)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
-    parser.add_argument("--memory-mb", type=int, default=MEMORY_MB, help=f"afl-fuzz -m (default {MEMORY_MB})")
-    parser.add_argument("--timeout-ms", type=int, default=TIMEOUT_MS, help=f"afl-fuzz -t (default {TIMEOUT_MS})")
     parser.add_argument(
-        "--cpu", type=int, default=max(os.sched_getaffinity(0)), help="the CPU to fuzz on (default: the last)"
+        "--memory-mb", type=int, default=MEMORY_MB, help=f"afl-fuzz -m (default {MEMORY_MB})"
+    )
+    parser.add_argument(
+        "--timeout-ms", type=int, default=TIMEOUT_MS, help=f"afl-fuzz -t (default {TIMEOUT_MS})"
+    )
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        default=max(os.sched_getaffinity(0)),
+        help="the CPU to fuzz on (default: the last)",
     )
     parser.add_argument("--no-build", action="store_true", help="use the targets already built")
     args = parser.parse_args()
