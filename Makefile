@@ -39,9 +39,10 @@ $(MAIN_VENV)/bin/maturin:
 
 lint: $(MAIN_VENV)/$(STAMP)
 	cargo fmt --check
+	rustfmt --check --edition 2021 fuzz/src/lib.rs fuzz/targets/*.rs
 	cargo clippy --all-targets -- -D warnings
-	$(MAIN_VENV)/bin/ruff check python tests tools benches demo
-	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo
+	$(MAIN_VENV)/bin/ruff check python tests tools benches demo fuzz
+	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo fuzz
 	$(MAIN_VENV)/bin/mypy python/dbha
 	$(MAIN_VENV)/bin/python -m mypy.stubtest dbha._core --allowlist stubtest-allowlist.txt
 
