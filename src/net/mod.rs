@@ -4,6 +4,9 @@
 //! protocol.
 
 mod failure;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod socket;
 pub mod tls;
 mod transport;
@@ -12,7 +15,7 @@ pub mod wait;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use failure::{one_line, Failure};
+pub use failure::{one_line, Failure, MAX_QUOTE};
 pub use socket::{block_sigpipe, connect, remaining, Wire};
 pub use transport::Transport;
 

@@ -26,6 +26,14 @@ pub fn remaining(deadline: Instant) -> Result<Duration, Failure> {
 /// Only name resolution can overrun the deadline (the C library gives no way
 /// to bound it); the checker bounds that from outside.
 pub fn connect(endpoint: &Endpoint, deadline: Instant) -> Result<Wire, Failure> {
+    #[cfg(fuzzing)]
+    if let Some(prepared) = super::fuzzing::next() {
+        return prepared.map(|socket| Wire {
+            socket,
+            deadline,
+            resent_at_write: None,
+        });
+    }
     let socket = match endpoint {
         Endpoint::Unix(path) => connect_unix(path, deadline)?,
         Endpoint::Tcp { host, port } => {
@@ -215,6 +223,8 @@ fn total_resent(_socket: &Socket) -> Option<u32> {
 
 impl Read for Wire {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        #[cfg(fuzzing)]
+        super::fuzzing::before_read(&self.socket);
         loop {
             let read = self
                 .time_left()
