@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parent
-TARGETS = ("postgres", "mysql", "tls", "failure_text")
+TARGETS = ("postgres", "mysql", "tls", "patroni", "failure_text")
 # Unbounded allocation shows as a crash: past this the allocator fails and
 # Rust aborts. The largest legitimate buffers are a few MiB.
 MEMORY_MB = 512
