@@ -39,8 +39,8 @@ $(MAIN_VENV)/bin/maturin:
 lint: $(MAIN_VENV)/$(STAMP)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
-	$(MAIN_VENV)/bin/ruff check python tests tools benches demo
-	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo
+	$(MAIN_VENV)/bin/ruff check python tests tools benches demo examples
+	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo examples
 	$(MAIN_VENV)/bin/mypy python/dbha
 	$(MAIN_VENV)/bin/python -m mypy.stubtest dbha._core --allowlist stubtest-allowlist.txt
 
