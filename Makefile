@@ -9,7 +9,7 @@ MAIN_VENV := $(VENV)/django-5.2
 WHEELS := target/wheels
 STAMP := .ready
 
-.PHONY: demo test lint rust-test py-test bench bench-failover bench-network bench-patroni system-deps wheel clean
+.PHONY: demo test lint rust-test py-test bench bench-failover bench-http bench-network bench-patroni system-deps wheel clean
 .DELETE_ON_ERROR:
 
 demo: system-deps $(MAIN_VENV)/$(STAMP)
@@ -58,6 +58,9 @@ bench: $(MAIN_VENV)/$(STAMP)
 
 bench-failover: system-deps $(MAIN_VENV)/$(STAMP)
 	$(MAIN_VENV)/bin/python benches/failover.py
+
+bench-http: system-deps $(MAIN_VENV)/$(STAMP)
+	$(MAIN_VENV)/bin/python benches/http_failover.py
 
 # Needs root: network namespaces.
 bench-network: system-deps $(MAIN_VENV)/$(STAMP)
