@@ -209,6 +209,14 @@ def main() -> int:
     parser.add_argument("--steady", type=float, default=5.0, help="load before the fault, s")
     parser.add_argument("--promote-after", type=float, default=2.0)
     parser.add_argument("--after", type=float, default=7.0, help="load after promotion, s")
+    parser.add_argument(
+        "--workers", type=int,
+        help="worker processes (default: gunicorn 4, uvicorn 2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dbha", type=json.loads, default={},
+        help='DBHA keys besides the defaults, as JSON: \'{"CHECK_INTERVAL": 0.2}\'',
+    )  # fmt: skip
     parser.add_argument("--json-out", type=Path, help="write the outcome as JSON here")
     parser.add_argument(
         "--log-dir", type=Path, default=ROOT / "target" / "http_failover",
@@ -237,7 +245,8 @@ def main() -> int:
                 with localdb.PgCluster(standbys=2) as cluster:
                     outcome = httpfaults.run(
                         name, server, cluster, args.log_dir, timing, args.clients, args.rate,
-                        log_name=f"{name}-{server}-{n + 1}.log",
+                        log_name=f"{name}-{server}-{n + 1}.log", workers=args.workers,
+                        dbha=args.dbha,
                     )  # fmt: skip
                 group.append(outcome)
                 row = outcome.as_dict()
@@ -256,7 +265,8 @@ def main() -> int:
 
     print(
         f"django-dbha {dbha.__version__}, Django {django.get_version()}, gunicorn "
-        f"{version('gunicorn')}, uvicorn {version('uvicorn')}, default DBHA timings, "
+        f"{version('gunicorn')}, uvicorn {version('uvicorn')}, "
+        f"{'DBHA ' + json.dumps(args.dbha) if args.dbha else 'default DBHA timings'}, "
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
     )
     print(

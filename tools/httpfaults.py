@@ -242,6 +242,11 @@ class Outcome:
             "failed": len(self.failed),
             "failed_by_error": self.failed_by_error(),
             "failed_after_recovery": len(self.failed_after_recovery),
+            # Each: when it started, relative to pg_promote() returning, the
+            # worker that answered, and its error.
+            "failed_after_recovery_detail": [
+                [s(self.at(r.started)), r.pid, r.error] for r in self.failed_after_recovery
+            ],
             "last_failure_s": s(self.last_failure),
             "recover_s": s(self.recover),
             "stuck": self.stuck,
@@ -280,9 +285,12 @@ def run(
     clients: int = 4,
     rate: float = 40.0,
     log_name: str | None = None,
+    workers: int | None = None,
+    dbha: dict[str, Any] | None = None,
 ) -> Outcome:
     """Runs scenario `name` once on a fresh `cluster` (which it changes:
-    the caller starts a new one for the next scenario)."""
+    the caller starts a new one for the next scenario). `workers` and
+    `dbha` (DBHA keys) override the server's defaults."""
     timing = timing or Timing()
     primary, _, failover2 = cluster.servers
     fault: Callable[[], None] = {
@@ -293,7 +301,7 @@ def run(
     }[name]
     migrate(cluster)
     log_file = log_dir / (log_name or f"{name}-{server_kind}.log")
-    with AppServer(server_kind, cluster, log_file) as server:
+    with AppServer(server_kind, cluster, log_file, workers, dbha=dbha) as server:
         initial = server.worker_pids()
         load = Load(server.port, server.path, clients=clients, rate=rate)
         poller = HealthPoller(server.port, interval=0.03)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from http.cookies import SimpleCookie
 from pathlib import Path
+from typing import Any
 
 from localdb import PgCluster, free_port
 
@@ -46,14 +47,18 @@ class LocalHttpError(RuntimeError):
     """The app server did not start, answer or stop as asked, in time."""
 
 
-def environment(cluster: PgCluster, reads: str = "replicas") -> dict[str, str]:
-    """The environment the example project reads its settings from."""
+def environment(
+    cluster: PgCluster, reads: str = "replicas", dbha: dict[str, Any] | None = None
+) -> dict[str, str]:
+    """The environment the example project reads its settings from (`dbha`:
+    DBHA keys besides the defaults)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(EXAMPLES), *filter(None, [env.get("PYTHONPATH", "")])])
     env["DJANGO_SETTINGS_MODULE"] = SETTINGS
     env["HTTPAPP_DB_HOST"] = cluster.primary.host
     env["HTTPAPP_DB_PORTS"] = ",".join(str(s.port) for s in cluster.servers)
     env["HTTPAPP_READS"] = reads
+    env["HTTPAPP_DBHA"] = json.dumps(dbha or {})
     return env
 
 
@@ -98,6 +103,7 @@ class AppServer:
         log_file: Path,
         workers: int | None = None,
         reads: str = "replicas",
+        dbha: dict[str, Any] | None = None,
     ) -> None:
         if kind not in PATHS:
             raise ValueError(f"unknown server {kind!r}; known: {', '.join(PATHS)}")
@@ -106,7 +112,7 @@ class AppServer:
         self.port = free_port()
         self.path = PATHS[kind]
         self.log_file = log_file
-        self._env = environment(cluster, reads)
+        self._env = environment(cluster, reads, dbha)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def _command(self) -> list[str]:
@@ -240,9 +246,7 @@ def terminate_on_sigterm() -> None:
 # --- requests ----------------------------------------------------------------------------------
 
 
-def get(
-    port: int, path: str, timeout: float, cookie: str = ""
-) -> tuple[int, dict[str, object], str]:
+def get(port: int, path: str, timeout: float, cookie: str = "") -> tuple[int, dict[str, Any], str]:
     """One GET on a connection of its own: (status, JSON body, the dbha_pin
     cookie set). Status 0 and {"error": ...}: no HTTP answer."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -382,14 +386,14 @@ class HealthAnswer:
     #: Seconds from this worker's newest probe to its answer: its checker
     #: runs (in a healthy group, one probe round per CHECK_INTERVAL).
     probe_age: float
-    nodes: dict[str, dict[str, object]]
 
 
-def parse_health(body: dict[str, object], at: float) -> HealthAnswer | None:
+def parse_health(body: dict[str, Any], at: float) -> HealthAnswer | None:
+    """The group `default` in a health view's details (None without them)."""
     try:
         process = body["process"]
-        group = body["groups"]["default"]  # type: ignore[index]
-        answered = datetime.fromisoformat(process["time"])  # type: ignore[index]
+        group = body["groups"]["default"]
+        answered = datetime.fromisoformat(process["time"])
         checked = [
             datetime.fromisoformat(node["checked_at"])
             for node in group["nodes"]
@@ -397,11 +401,10 @@ def parse_health(body: dict[str, object], at: float) -> HealthAnswer | None:
         ]
         return HealthAnswer(
             at=at,
-            pid=int(process["pid"]),  # type: ignore[index]
+            pid=int(process["pid"]),
             writer=group["writer"],
             route=group["route"],
             probe_age=(answered - max(checked)).total_seconds() if checked else float("inf"),
-            nodes={node["alias"]: node for node in group["nodes"]},
         )
     except (KeyError, TypeError, ValueError):
         return None

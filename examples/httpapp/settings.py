@@ -1,8 +1,10 @@
 """Settings from the environment: HTTPAPP_DB_PORTS gives the ports of
 `default`, `failover1` and `failover2` (comma-separated) on
 HTTPAPP_DB_HOST (127.0.0.1); HTTPAPP_READS is dbha's READS ("replicas",
-so that PinningMiddleware has work to do)."""
+so that PinningMiddleware has work to do); HTTPAPP_DBHA, a JSON object,
+overrides other DBHA keys."""
 
+import json
 import os
 
 _HOST = os.environ.get("HTTPAPP_DB_HOST", "127.0.0.1")
@@ -31,6 +33,7 @@ DBHA = {
     "READS": os.environ.get("HTTPAPP_READS", "replicas"),
     # Each worker's own view of dbha, for the benchmarks on loopback.
     "HEALTH_VIEW_ACCESS": "httpapp.views.from_loopback",
+    **json.loads(os.environ.get("HTTPAPP_DBHA", "{}")),
 }
 
 INSTALLED_APPS = ["dbha", "httpapp"]
