@@ -20,9 +20,11 @@ on each server: dbha's probe sessions (pg_stat_activity, application_name
 'dbha') and the other client sessions (the application's: CONN_MAX_AGE=0).
 
 Verdicts: RSS flat (growth from the first sample after the warm-up, the
-first fault cycle, to the last below 10 %); threads and descriptors the
-same before every fault after the warm-up; dbha's sessions one per
-process per server before every fault; and each fault followed: every
+first fault cycle, to the last below 10 %); threads the same before every
+fault after the warm-up, and descriptors not growing (the lowest count
+before a fault in the last third of the run no higher than in the first
+third); dbha's sessions one per process per server before every fault;
+and each fault followed: every
 worker's health view names the expected writer within 2 s of the fault's
 end (SIGCONT, or pg_promote() returning) and no other writer until the
 next fault.
@@ -91,22 +93,36 @@ class Sample:
     rss_kb: int
     threads: int
     fds: int
+    #: What the descriptors are (socket, pipe, a path...): settled samples only.
+    kinds: dict[str, int] = field(default_factory=dict)
+    #: Socket inodes: settled samples only.
+    sockets: set[str] = field(default_factory=set)
 
 
-def sample(pid: int) -> Sample | None:
+def sample(pid: int, detail: bool = False) -> Sample | None:
     """RSS, threads and open descriptors of `pid`, from /proc."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return Sample(
+    found = Sample(
         at=time.monotonic(),
         rss_kb=int(fields["VmRSS"].split()[0]),
         threads=int(fields["Threads"]),
-        fds=fds,
+        fds=len(fds),
     )
+    for fd in fds if detail else []:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":[")[0] if target.startswith(("socket:", "pipe:")) else target
+        found.kinds[kind] = found.kinds.get(kind, 0) + 1
+        if target.startswith("socket:"):
+            found.sockets.add(target)
+    return found
 
 
 class Soak:
@@ -128,18 +144,20 @@ class Soak:
         return [*([master] if master else []), *self.server.worker_pids()]
 
     def take_samples(self, into: dict[int, list[Sample]], idle: bool = False) -> None:
-        """One sample per process; `idle`: the fewest descriptors of ten
-        samples 10 ms apart, so that a request in flight (its client socket
-        and database connection) does not count."""
+        """One sample per process; `idle`: the fewest descriptors of 30
+        samples 20 ms apart, so that a request in flight (its client socket
+        and database connection) or a probe's new connection does not
+        count, with what each descriptor is."""
         for pid in self.processes():
-            found = sample(pid)
-            for _ in range(9 if idle and found is not None else 0):
-                time.sleep(0.01)
-                again = sample(pid)
-                if again is not None and again.fds < found.fds:  # type: ignore[union-attr]
+            found = sample(pid, detail=idle)
+            if found is None:
+                continue
+            for _ in range(29 if idle else 0):
+                time.sleep(0.02)
+                again = sample(pid, detail=True)
+                if again is not None and again.fds < found.fds:
                     found = again
-            if found is not None:
-                into.setdefault(pid, []).append(found)
+            into.setdefault(pid, []).append(found)
         self.workers_seen.update(self.server.worker_pids())
 
     def take_sessions(self) -> None:
@@ -225,9 +243,10 @@ def report(soak: Soak, warmup_until: float, args: argparse.Namespace) -> dict[st
     verdicts: dict[str, bool] = {}
     print(
         "| process | RSS start / end / max (MB) | RSS growth | threads start / end / max "
-        "| fds start / end / max | threads, fds before each fault |"
+        "| fds start / end / max | before each fault: threads | fds, lowest / highest "
+        "| sockets shared with the master |"
     )
-    print("|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for pid, all_samples in sorted(soak.samples.items(), key=lambda item: item[0] != master):
         samples = [s for s in all_samples if s.at >= warmup_until] or all_samples
         settled = [s for s in soak.settled.get(pid, []) if s.at >= warmup_until]
@@ -235,7 +254,18 @@ def report(soak: Soak, warmup_until: float, args: argparse.Namespace) -> dict[st
         threads = span([s.threads for s in samples])
         fds = span([s.fds for s in samples])
         growth = (rss[1] - rss[0]) / rss[0]
-        steady = {(s.threads, s.fds) for s in settled}
+        settled_threads = sorted({s.threads for s in settled})
+        settled_fds = [s.fds for s in settled]
+        # A leak raises the floor: the lowest count of the last third of
+        # the run above the lowest of the first third.
+        third = max(1, len(settled_fds) // 3)
+        fds_grew = bool(settled_fds) and min(settled_fds[-third:]) > min(settled_fds[:third])
+        masters = soak.settled.get(master, []) if master else []
+        shared = (
+            len(settled[-1].sockets & masters[-1].sockets)
+            if settled and masters and pid != master
+            else 0
+        )
         name = "master" if pid == master else f"worker {pid}"
         rows[name] = {
             "pid": pid,
@@ -243,16 +273,23 @@ def report(soak: Soak, warmup_until: float, args: argparse.Namespace) -> dict[st
             "rss_growth": round(growth, 4),
             "threads": threads,
             "fds": fds,
-            "settled_threads_fds": sorted(steady),
+            "settled_threads": settled_threads,
+            "settled_fds": settled_fds,
+            "fd_kinds_first": settled[0].kinds if settled else {},
+            "fd_kinds_last": settled[-1].kinds if settled else {},
+            "sockets_shared_with_master": shared,
             "samples": len(samples),
         }
         verdicts[f"{name}: RSS growth < {RSS_GROWTH_LIMIT:.0%}"] = growth < RSS_GROWTH_LIMIT
-        verdicts[f"{name}: threads and fds the same before every fault"] = len(steady) <= 1
+        verdicts[f"{name}: threads the same before every fault"] = len(settled_threads) <= 1
+        verdicts[f"{name}: no descriptor growth"] = not fds_grew
         print(
             f"| {name} | {rss[0] / 1024:.1f} / {rss[1] / 1024:.1f} / {rss[2] / 1024:.1f} "
             f"| {growth:+.1%} | {threads[0]} / {threads[1]} / {threads[2]} "
             f"| {fds[0]} / {fds[1]} / {fds[2]} "
-            f"| {', '.join(f'{t}, {f}' for t, f in sorted(steady)) or '-'} |"
+            f"| {', '.join(map(str, settled_threads)) or '-'} "
+            f"| {min(settled_fds, default=0)} / {max(settled_fds, default=0)} "
+            f"| {shared if pid != master else '-'} |"
         )
     processes = 1 + soak.server.workers
     print()
