@@ -9,8 +9,8 @@ MAIN_VENV := $(VENV)/django-5.2
 WHEELS := target/wheels
 STAMP := .ready
 
-.PHONY: demo test lint rust-test py-test bench bench-failover bench-network bench-patroni \
-	system-deps wheel clean fuzz fuzz-ci fuzz-deps
+.PHONY: demo test lint rust-test py-test bench bench-failover bench-http bench-network \
+	bench-patroni system-deps wheel clean fuzz fuzz-ci fuzz-deps
 .DELETE_ON_ERROR:
 
 demo: system-deps $(MAIN_VENV)/$(STAMP)
@@ -41,8 +41,8 @@ lint: $(MAIN_VENV)/$(STAMP)
 	cargo fmt --check
 	rustfmt --check --edition 2021 fuzz/src/lib.rs fuzz/targets/*.rs
 	cargo clippy --all-targets -- -D warnings
-	$(MAIN_VENV)/bin/ruff check python tests tools benches demo fuzz
-	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo fuzz
+	$(MAIN_VENV)/bin/ruff check python tests tools benches demo examples fuzz
+	$(MAIN_VENV)/bin/ruff format --check python tests tools benches demo examples fuzz
 	$(MAIN_VENV)/bin/mypy python/dbha
 	$(MAIN_VENV)/bin/python -m mypy.stubtest dbha._core --allowlist stubtest-allowlist.txt
 
@@ -60,6 +60,9 @@ bench: $(MAIN_VENV)/$(STAMP)
 
 bench-failover: system-deps $(MAIN_VENV)/$(STAMP)
 	$(MAIN_VENV)/bin/python benches/failover.py
+
+bench-http: system-deps $(MAIN_VENV)/$(STAMP)
+	$(MAIN_VENV)/bin/python benches/http_failover.py
 
 # Needs root: network namespaces.
 bench-network: system-deps $(MAIN_VENV)/$(STAMP)
