@@ -16,7 +16,7 @@ STAMP := .ready
 demo: system-deps $(MAIN_VENV)/$(STAMP)
 	$(MAIN_VENV)/bin/python demo/demo.py
 
-test: system-deps lint rust-test py-test
+test: system-deps lint rust-test py-test fuzz-ci
 
 system-deps:
 	tools/install-system-deps.sh
@@ -73,12 +73,12 @@ bench-patroni: system-deps $(MAIN_VENV)/$(STAMP)
 
 # Coverage-guided fuzzing (AFL++ via cargo-afl) of every parser of server
 # bytes, one target at a time: 10 M executions each (about 20 minutes a
-# target), or in CI about 15 s each. Non-zero on any crash or hang.
+# target), or in CI about 10 s each. Non-zero on any crash or hang.
 fuzz: fuzz-deps
 	$(PYTHON) fuzz/run.py --execs 10000000
 
 fuzz-ci: fuzz-deps
-	$(PYTHON) fuzz/run.py --seconds 15
+	$(PYTHON) fuzz/run.py --seconds 10
 
 fuzz-deps:
 	tools/install-fuzz-deps.sh
