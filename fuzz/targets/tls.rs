@@ -8,22 +8,14 @@
 //! address rather than a name.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use _core::net::{self, tls, Endpoint, SslMode, Tls, Transport};
 use dbha_fuzz::{check, check_failure, deadline, Script};
 
-/// The CA the seed corpus's server certificate is signed with (itself).
-const CA: &str = include_str!("../data/ca.pem");
-
+/// The CA the seed corpus's server certificate is signed with (itself),
+/// read where it is kept: the targets run where they were built.
 fn ca_file() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!("dbha-fuzz-ca-{}.pem", std::process::id()));
-        std::fs::write(&path, CA).expect("a writable temporary directory");
-        path
-    })
-    .clone()
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/ca.pem"))
 }
 
 fn main() {
