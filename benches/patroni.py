@@ -123,6 +123,18 @@ def looping(name: str, step: Callable[[], None], period: float) -> Iterator[None
         thread.join(10)
 
 
+def acknowledged(path: str, port: int, outcome: Outcome, timeline: Timeline) -> None:
+    """Records a write `path` ("dbha" or "haproxy") got acknowledged by the
+    server on `port`."""
+    node = next(n for n in NODES if port_of[n] == port)
+    if node == outcome.new:
+        timeline.mark(f"{path}_write")
+    elif node == outcome.old and f"{path}_write" not in timeline.first:
+        timeline.last[f"{path}_old"] = time.monotonic()
+    if node != outcome.new and "lock" in timeline.first:
+        setattr(outcome, f"{path}_misplaced", getattr(outcome, f"{path}_misplaced") + 1)
+
+
 def write_through_dbha(outcome: Outcome, timeline: Timeline) -> None:
     from django.db import connections
 
@@ -131,13 +143,7 @@ def write_through_dbha(outcome: Outcome, timeline: Timeline) -> None:
         with connections[alias].cursor() as cursor:
             cursor.execute("insert into bench values (now()) returning inet_server_port()")
             (port,) = cursor.fetchone()
-        node = next(n for n in NODES if port_of[n] == port)
-        if node == outcome.new:
-            timeline.mark("dbha_write")
-        elif node == outcome.old and "dbha_write" not in timeline.first:
-            timeline.last["dbha_old"] = time.monotonic()
-        if node != outcome.new and "lock" in timeline.first:
-            outcome.dbha_misplaced += 1
+        acknowledged("dbha", port, outcome, timeline)
     except Exception:
         outcome.dbha_failed += 1
     finally:
@@ -154,13 +160,7 @@ def write_through_haproxy(proxy: HAProxy, outcome: Outcome, timeline: Timeline) 
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute("insert into bench values (now()) returning inet_server_port()")
             (port,) = row.fetchone() or (0,)
-        node = next(n for n in NODES if port_of[n] == port)
-        if node == outcome.new:
-            timeline.mark("haproxy_write")
-        elif node == outcome.old and "haproxy_write" not in timeline.first:
-            timeline.last["haproxy_old"] = time.monotonic()
-        if node != outcome.new and "lock" in timeline.first:
-            outcome.haproxy_misplaced += 1
+        acknowledged("haproxy", port, outcome, timeline)
     except Exception:
         outcome.haproxy_failed += 1
 
