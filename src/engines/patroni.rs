@@ -115,8 +115,11 @@ impl Client {
     pub fn observe(&self, deadline: Instant) -> Result<Observation, Failure> {
         loop {
             let (status, body) = self.get_leader(deadline)?;
-            let promoting = status == 200 && is_promoting(&body);
             let observation = interpret(status, &body);
+            // A standby holding the lock: parsed again only then, rarely.
+            let promoting = status == 200
+                && matches!(&observation, Ok(o) if o.role == Some(Role::Standby))
+                && is_promoting(&body);
             let next = Instant::now() + PROMOTING_POLL;
             if !promoting || next + PROMOTING_POLL >= deadline {
                 return observation;
@@ -151,10 +154,8 @@ impl Client {
 /// moment between Patroni taking the lock and PostgreSQL's promotion.
 /// (A standby cluster's leader is a `standby_leader`, for good.)
 fn is_promoting(body: &[u8]) -> bool {
-    serde_json::from_slice::<Json>(body).is_ok_and(|document| {
-        document.get("role").and_then(Json::as_str) == Some("replica")
-            && document.get("state").and_then(Json::as_str) == Some("running")
-    })
+    serde_json::from_slice::<Json>(body)
+        .is_ok_and(|document| document.get("role").and_then(Json::as_str) == Some("replica"))
 }
 
 fn failure(e: ureq::Error) -> Failure {
